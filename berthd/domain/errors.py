@@ -1,0 +1,145 @@
+"""The one tree of errors a client can be answered with.
+
+Every refusal berthd gives is a ``BerthdError`` with a stable ``code`` (API.md) and the
+HTTP ``status`` it maps to; ``berthd.http.errors`` turns them into the one error shape.
+Messages say what to do next. Nothing is appended to the log for a refused command.
+
+    BerthdError                     500 INTERNAL_ERROR
+    ├── ValidationError             400 VALIDATION_ERROR (details.field names the field)
+    ├── Unauthorized                401 UNAUTHORIZED
+    ├── Forbidden                   403 FORBIDDEN
+    │   └── PolicyDenied            403 POLICY_DENIED
+    ├── NotFound                    404 NOT_FOUND
+    │   ├── ContainerNotFound       404 CONTAINER_NOT_FOUND
+    │   ├── ImageNotFound           404 IMAGE_NOT_FOUND
+    │   ├── SessionNotFound         404 SESSION_NOT_FOUND
+    │   ├── KernelNotFound          404 KERNEL_NOT_FOUND
+    │   └── ResultNotFound          404 RESULT_NOT_FOUND
+    ├── MethodNotAllowed            405 METHOD_NOT_ALLOWED
+    ├── Conflict                    409 CONFLICT (wrong state, name taken, concurrent write)
+    ├── PayloadTooLarge             413 PAYLOAD_TOO_LARGE
+    ├── UnsupportedMediaType        415 UNSUPPORTED_MEDIA_TYPE
+    ├── Unprocessable               422 UNPROCESSABLE (domain refusal)
+    ├── RateLimited                 429 RATE_LIMITED
+    ├── RuntimeUnavailable          503 RUNTIME_UNAVAILABLE
+    ├── StoreUnavailable            503 STORE_UNAVAILABLE
+    └── RuntimeFailed               502 RUNTIME_FAILED (the engine refused an operation)
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "BerthdError",
+    "Conflict",
+    "ContainerNotFound",
+    "Forbidden",
+    "ImageNotFound",
+    "KernelNotFound",
+    "MethodNotAllowed",
+    "NotFound",
+    "PayloadTooLarge",
+    "PolicyDenied",
+    "RateLimited",
+    "ResultNotFound",
+    "RuntimeFailed",
+    "RuntimeUnavailable",
+    "SessionNotFound",
+    "StoreUnavailable",
+    "Unauthorized",
+    "Unprocessable",
+    "UnsupportedMediaType",
+    "ValidationError",
+]
+
+
+class BerthdError(Exception):
+    """Base: an error with a stable code, an HTTP status and details for the client."""
+
+    code: ClassVar[str] = "INTERNAL_ERROR"
+    status: ClassVar[int] = 500
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, "details": self.details}}
+
+
+class ValidationError(BerthdError):
+    code, status = "VALIDATION_ERROR", 400
+
+
+class Unauthorized(BerthdError):
+    code, status = "UNAUTHORIZED", 401
+
+
+class Forbidden(BerthdError):
+    code, status = "FORBIDDEN", 403
+
+
+class PolicyDenied(Forbidden):
+    code = "POLICY_DENIED"
+
+
+class NotFound(BerthdError):
+    code, status = "NOT_FOUND", 404
+
+
+class ContainerNotFound(NotFound):
+    code = "CONTAINER_NOT_FOUND"
+
+
+class ImageNotFound(NotFound):
+    code = "IMAGE_NOT_FOUND"
+
+
+class SessionNotFound(NotFound):
+    code = "SESSION_NOT_FOUND"
+
+
+class KernelNotFound(NotFound):
+    code = "KERNEL_NOT_FOUND"
+
+
+class ResultNotFound(NotFound):
+    code = "RESULT_NOT_FOUND"
+
+
+class MethodNotAllowed(BerthdError):
+    code, status = "METHOD_NOT_ALLOWED", 405
+
+
+class Conflict(BerthdError):
+    code, status = "CONFLICT", 409
+
+
+class PayloadTooLarge(BerthdError):
+    code, status = "PAYLOAD_TOO_LARGE", 413
+
+
+class UnsupportedMediaType(BerthdError):
+    code, status = "UNSUPPORTED_MEDIA_TYPE", 415
+
+
+class Unprocessable(BerthdError):
+    code, status = "UNPROCESSABLE", 422
+
+
+class RateLimited(BerthdError):
+    code, status = "RATE_LIMITED", 429
+
+
+class RuntimeFailed(BerthdError):
+    code, status = "RUNTIME_FAILED", 502
+
+
+class RuntimeUnavailable(BerthdError):
+    code, status = "RUNTIME_UNAVAILABLE", 503
+
+
+class StoreUnavailable(BerthdError):
+    code, status = "STORE_UNAVAILABLE", 503

@@ -1,0 +1,57 @@
+"""Shared test fixtures: real components, gated the same way everywhere.
+
+Integration tests need a Docker engine (``DOCKER_HOST`` or the default socket) or a
+PostgreSQL server (``BERTHD_TEST_POSTGRES``). On a developer's machine without them those
+tests are skipped with the reason printed; with ``BERTHD_REQUIRE_INTEGRATION=1`` (set by
+``.ci/run``) a missing component is a failure, so CI can never go green by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+REQUIRE = os.environ.get("BERTHD_REQUIRE_INTEGRATION") == "1"
+BUSYBOX_IMAGE = os.environ.get("BERTHD_TEST_IMAGE", "berthd-test/busybox:latest")
+
+
+def missing(component: str, reason: str) -> None:
+    """Skip (developer machine) or fail (CI) because ``component`` is not there."""
+    if REQUIRE:
+        pytest.fail(f"{component} is required in CI but unavailable: {reason}", pytrace=False)
+    pytest.skip(f"{component} unavailable: {reason}")
+
+
+@pytest.fixture(scope="session")
+def docker_client():
+    """A Docker SDK client on a live engine that has the busybox test image."""
+    import docker
+
+    try:
+        client = docker.from_env(timeout=30)
+        client.ping()
+    except Exception as exc:  # any failure to reach the engine
+        missing("Docker engine", f"{type(exc).__name__}: {exc}")
+    try:
+        client.images.get(BUSYBOX_IMAGE)
+    except Exception as exc:
+        missing("Docker test image", f"{BUSYBOX_IMAGE} not found ({exc}); run ops/test-images.sh")
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """A reachable PostgreSQL URL for store tests."""
+    url = os.environ.get("BERTHD_TEST_POSTGRES", "")
+    if not url:
+        missing("PostgreSQL", "BERTHD_TEST_POSTGRES is not set; run ops/postgres.sh")
+    try:
+        import psycopg
+
+        with psycopg.connect(url, connect_timeout=5) as conn:
+            conn.execute("select 1")
+    except Exception as exc:
+        missing("PostgreSQL", f"{type(exc).__name__}: {exc}")
+    return url
