@@ -1,0 +1,60 @@
+"""What every command carries besides itself, and the injectable clock and id source."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from berthd.domain.base import Meta
+
+__all__ = ["Clock", "CommandContext", "Reply", "SYSTEM", "new_id", "rfc3339", "system_clock"]
+
+Clock = Callable[[], datetime]
+"""Returns the current time (UTC, aware). Tests pass a frozen one."""
+
+
+def system_clock() -> datetime:
+    return datetime.now(UTC)
+
+
+def rfc3339(moment: datetime) -> str:
+    """RFC 3339 UTC with "Z", millisecond precision, as the API serves timestamps."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def new_id() -> str:
+    """A short random id, 12 hex digits, as Docker shows them."""
+    return secrets.token_hex(6)
+
+
+@dataclass(frozen=True, slots=True)
+class CommandContext:
+    """Who asks, and the ids that tie the resulting events to the request."""
+
+    principal: str = "admin"
+    owner: str = "admin"  # whose entities the principal acts as (a key id; "admin" for admin)
+    is_admin: bool = True
+    correlation_id: str | None = None
+    request_id: str | None = None
+
+    def meta(self, clock: Clock, node_id: str) -> Meta:
+        return Meta(
+            timestamp=rfc3339(clock()), node_id=node_id, principal=self.principal,
+            correlation_id=self.correlation_id, request_id=self.request_id,
+        )
+
+
+SYSTEM = CommandContext(principal="system", owner="admin")
+"""The context of what the daemon does on its own (exits observed, reconciliation)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An actor's answer: the log position of its last event, the state, and a result."""
+
+    position: int
+    state: Any
+    result: Any = None

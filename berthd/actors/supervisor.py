@@ -1,0 +1,294 @@
+"""The supervisor: one registry of live entity actors, activation by replay, passivation
+of idle ones, and the boot-time reconciliation of the log with the runtimes.
+
+Actors are a cache of the log: an idle actor is stopped after ``passivate_after`` seconds
+and rebuilt from its stream on the next command. Only the supervisor starts or stops
+entity actors; everyone else goes through ``container_command``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor, Future
+from typing import Any
+
+import pykka
+
+from berthd.actors.container import ContainerActor
+from berthd.actors.context import SYSTEM, Clock, CommandContext, Reply, new_id
+from berthd.domain import container as c
+from berthd.domain.base import Event
+from berthd.domain.errors import (
+    Conflict,
+    ContainerNotFound,
+    RuntimeUnavailable,
+    StoreUnavailable,
+    ValidationError,
+)
+from berthd.domain.node import OrphanContainerFound
+from berthd.events.store import ConcurrencyConflict, EventStore
+from berthd.events.store import StoreUnavailable as StoreDown
+from berthd.runtime import base as rt
+
+__all__ = ["Supervisor", "append_retrying"]
+
+log = logging.getLogger(__name__)
+_NAME_HOLD = 30.0  # seconds a created name stays reserved while the projection catches up
+
+
+def append_retrying(store: EventStore, stream_id: str, events: list[Event], meta: Any,
+                    attempts: int = 5) -> int:
+    """Append to a stream with no actor of its own (node, images, keys): read its version,
+    append, and retry on a conflict. Returns the position of the last event."""
+    for _ in range(attempts):
+        version = len(store.read_stream(stream_id))
+        try:
+            return store.append(stream_id, version, events, meta)[-1].position
+        except ConcurrencyConflict:
+            continue
+        except StoreDown as exc:
+            raise StoreUnavailable(f"the event log cannot be written: {exc}") from exc
+    raise Conflict(f"stream {stream_id} is too busy; retry")
+
+
+class Supervisor:
+    """Registry, activation, passivation and reconciliation of container actors."""
+
+    def __init__(
+        self,
+        *,
+        store: EventStore,
+        runtimes: dict[str, rt.Runtime],
+        default_runtime: str,
+        workers: Executor,
+        clock: Clock,
+        node_id: str,
+        name_taken: Callable[[str], bool],
+        is_known: Callable[[str], bool] = lambda _id: False,
+        passivate_after: float = 300.0,
+        ask_timeout: float = 30.0,
+    ) -> None:
+        self.store = store
+        self.runtimes = runtimes
+        self.default_runtime = default_runtime
+        self.workers = workers
+        self.clock = clock
+        self.node_id = node_id
+        self.name_taken = name_taken
+        self.is_known = is_known
+        self.passivate_after = passivate_after
+        self.ask_timeout = ask_timeout
+        self._actors: dict[str, pykka.ActorRef[ContainerActor]] = {}
+        self._reserved_names: dict[str, tuple[str, float]] = {}
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._janitor: threading.Thread | None = None
+        self.activations = 0
+        self.passivations = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        for runtime in self.runtimes.values():
+            runtime.watch(self._on_exit)
+        self._janitor = threading.Thread(target=self._passivate_loop, name="berthd-passivator", daemon=True)
+        self._janitor.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._janitor is not None:
+            self._janitor.join(timeout=5)
+        with self._lock:
+            refs = list(self._actors.values())
+            self._actors.clear()
+        for ref in refs:
+            try:
+                ref.stop(timeout=10)
+            except pykka.ActorDeadError:
+                pass
+            except Exception:
+                log.exception("stopping an actor")
+
+    @property
+    def live_actors(self) -> int:
+        with self._lock:
+            return len(self._actors)
+
+    # ------------------------------------------------------------------ commands
+
+    def create_container(self, command: c.CreateContainer, ctx: CommandContext,
+                         network: bool = True, output_cap: int = 1 << 20) -> Future[Reply]:
+        runtime = command.runtime or self.default_runtime
+        if runtime not in self.runtimes:
+            raise ValidationError(
+                f"runtime '{runtime}' is not available on this node (available: {', '.join(sorted(self.runtimes))})",
+                field="runtime")
+        berth_id = new_id()
+        name = command.name or f"berth-{berth_id}"
+        with self._lock:
+            now = time.monotonic()
+            reserved = self._reserved_names.get(name)
+            held = reserved is not None and now - reserved[1] < _NAME_HOLD and not self.is_known(reserved[0])
+            if self.name_taken(name) or held:
+                raise Conflict(f"the name '{name}' is taken; choose another or remove that container",
+                               field="name", name=name)
+            self._reserved_names[name] = (berth_id, now)
+            ref = self._spawn(berth_id, None)
+        future: Future[Reply] = self._ask(ref, "handle", command, ctx, new_id=berth_id, runtime=runtime,
+                                          name=name, network=network, output_cap=output_cap)
+        future.add_done_callback(lambda f: self._release_name(name, failed=f.exception() is not None))
+        return future
+
+    def container_command(self, berth_id: str, command: Any, ctx: CommandContext, **extra: Any) -> Future[Reply]:
+        """Send ``command`` to the container's actor, activating it if needed."""
+        for _ in range(3):
+            ref = self._get(berth_id)
+            try:
+                return self._ask(ref, "handle", command, ctx, **extra)
+            except pykka.ActorDeadError:
+                continue  # passivated between lookup and ask: activate again
+        raise Conflict(f"container {berth_id} is busy restarting its actor; retry")
+
+    def container_state(self, berth_id: str) -> c.ContainerState | None:
+        """The actor's state (only for callers that need the write side's truth)."""
+        ref = self._get(berth_id)
+        return ref.proxy().get_state().get(timeout=self.ask_timeout)
+
+    # ------------------------------------------------------------------ boot
+
+    def reconcile(self, container_ids: Iterable[str], timeout: float = 60.0) -> dict[str, int]:
+        """Bring the log in line with the runtimes; report orphans. Returns counts."""
+        futures: list[Future[Reply]] = []
+        checked = 0
+        for berth_id in container_ids:
+            try:
+                ref = self._get(berth_id)
+                futures.append(ref.proxy().reconcile().get(timeout=self.ask_timeout))
+                checked += 1
+            except Exception:
+                log.exception("reconcile: cannot activate container %s", berth_id)
+        failed = 0
+        for f in futures:
+            try:
+                f.result(timeout=timeout)
+            except Exception as exc:
+                failed += 1
+                log.warning("reconcile: %s", exc)
+        orphans = self._report_orphans()
+        return {"checked": checked, "failed": failed, "orphans": orphans}
+
+    def _report_orphans(self) -> int:
+        node_stream = f"node-{self.node_id}"
+        known_orphans = {
+            r.event.berth_id for r in self.store.read_stream(node_stream)
+            if r.type == "OrphanContainerFound"
+        }
+        found = 0
+        for name, runtime in self.runtimes.items():
+            try:
+                managed = runtime.list_managed(self.node_id)
+            except rt.RuntimeError_ as exc:
+                log.warning("reconcile: runtime %s unavailable: %s", name, exc)
+                continue
+            for status in managed:
+                if status.berth_id in known_orphans:
+                    continue
+                if self.store.read_stream(status.berth_id):
+                    continue
+                log.warning("orphan container %s (%s) in runtime %s: reported, left alone",
+                            status.berth_id, status.runtime_ref, name)
+                append_retrying(self.store, node_stream, [
+                    _orphan(status, name)], SYSTEM.meta(self.clock, self.node_id))
+                found += 1
+        return found
+
+    # ------------------------------------------------------------------ internals
+
+    def _ask(self, ref: pykka.ActorRef[ContainerActor], method: str, *args: Any, **kwargs: Any) -> Future[Reply]:
+        proxy = ref.proxy()
+        inner: Future[Reply] = getattr(proxy, method)(*args, **kwargs).get(timeout=self.ask_timeout)
+        return inner
+
+    def _release_name(self, name: str, failed: bool) -> None:
+        """A failed create frees its name at once; a successful one holds it until the
+        projection surely has it (the read side may lag the write by a moment)."""
+        with self._lock:
+            if failed:
+                self._reserved_names.pop(name, None)
+            for other, (_, at) in list(self._reserved_names.items()):
+                if time.monotonic() - at >= _NAME_HOLD:
+                    del self._reserved_names[other]
+
+    def _get(self, berth_id: str) -> pykka.ActorRef[ContainerActor]:
+        with self._lock:
+            ref = self._actors.get(berth_id)
+            if ref is not None and ref.is_alive():
+                return ref
+            try:
+                records = self.store.read_stream(berth_id)
+            except StoreDown as exc:
+                raise StoreUnavailable(f"the event log cannot be read: {exc}") from exc
+            state = c.replay(r.event for r in records if r.kind == "container")
+            if state is None:
+                raise ContainerNotFound(f"no container {berth_id}", id=berth_id)
+            ref = self._spawn(berth_id, state, records[-1].position)
+            self.activations += 1
+            return ref
+
+    def _spawn(self, berth_id: str, state: c.ContainerState | None, position: int = 0) -> pykka.ActorRef[ContainerActor]:
+        ref = ContainerActor.start(
+            berth_id, state, store=self.store, runtimes=self.runtimes, workers=self.workers,
+            clock=self.clock, node_id=self.node_id,
+        )
+        self._actors[berth_id] = ref
+        return ref
+
+    def _on_exit(self, notice: rt.ExitNotice) -> None:
+        """Called on a runtime's watch thread: have the actor look and record the exit."""
+        if self._stop.is_set():
+            return
+        try:
+            ref = self._get(notice.berth_id)
+            ref.proxy().observe()
+        except ContainerNotFound:
+            pass  # not ours (an orphan): reported at boot
+        except (pykka.ActorDeadError, RuntimeUnavailable, StoreUnavailable) as exc:
+            log.warning("exit of %s not recorded yet: %s", notice.berth_id, exc)
+        except Exception:
+            log.exception("exit notice for %s", notice.berth_id)
+
+    def _passivate_loop(self) -> None:
+        interval = max(0.05, min(5.0, self.passivate_after / 4))
+        while not self._stop.wait(interval):
+            try:
+                self.passivate_idle()
+            except Exception:
+                log.exception("passivation")
+
+    def passivate_idle(self, now: float | None = None) -> int:
+        """Stop actors idle for longer than ``passivate_after``; returns how many."""
+        now = time.monotonic() if now is None else now
+        stopped = 0
+        with self._lock:
+            for berth_id, ref in list(self._actors.items()):
+                try:
+                    actor = ref.proxy()
+                    idle = actor.is_idle().get(timeout=5)
+                    last = actor.last_used.get(timeout=5)
+                except (pykka.ActorDeadError, pykka.Timeout):
+                    self._actors.pop(berth_id, None)
+                    continue
+                if idle and now - last >= self.passivate_after:
+                    del self._actors[berth_id]
+                    ref.stop(block=False)
+                    stopped += 1
+        self.passivations += stopped
+        return stopped
+
+
+def _orphan(status: rt.SandboxStatus, runtime: str) -> Event:
+    return OrphanContainerFound(berth_id=status.berth_id, runtime=runtime,
+                                runtime_ref=status.runtime_ref, state=status.state)

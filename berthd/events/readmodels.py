@@ -1,0 +1,225 @@
+"""The read models the HTTP API answers from: containers, images, audit.
+
+Each is a ``Projection`` fed in log order by the ``ProjectionRunner``. They reuse the
+domain's ``evolve`` so that the read side can never disagree with the write side about
+what an event means. Readers on other threads get immutable values (Structs, tuples).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass
+
+from berthd.domain import container as c
+from berthd.domain import image as im
+from berthd.domain import node as n
+from berthd.events.projection import Projection
+from berthd.events.store import Recorded
+
+__all__ = [
+    "AuditEntry",
+    "AuditView",
+    "ContainersView",
+    "ImagesView",
+    "KeyRecord",
+    "KeysView",
+    "PulledImage",
+]
+
+
+class ContainersView(Projection):
+    """Every container's current state by id, and live names -> ids."""
+
+    name = "containers"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.by_id: dict[str, c.ContainerState] = {}
+            self.by_name: dict[str, str] = {}
+
+    def apply(self, rec: Recorded) -> None:
+        if rec.kind != "container":
+            return
+        with self._lock:
+            before = self.by_id.get(rec.stream_id)
+            after = c.evolve(before, rec.event)
+            if after is None:
+                return
+            self.by_id[rec.stream_id] = after
+            if after.status in c.FINAL:
+                if self.by_name.get(after.name) == after.id:
+                    del self.by_name[after.name]
+            else:
+                self.by_name[after.name] = after.id
+
+    def get(self, id_or_name: str) -> c.ContainerState | None:
+        state = self.by_id.get(id_or_name)
+        if state is not None:
+            return state
+        berth_id = self.by_name.get(id_or_name)
+        return self.by_id.get(berth_id) if berth_id else None
+
+    def name_taken(self, name: str) -> bool:
+        return name in self.by_name
+
+    def all(self) -> list[c.ContainerState]:
+        with self._lock:
+            return list(self.by_id.values())
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(Counter(s.status for s in self.by_id.values()))
+
+
+@dataclass(frozen=True, slots=True)
+class PulledImage:
+    ref: str
+    status: str  # pulling | pulled | failed | removed
+    image_id: str | None
+    runtime: str
+    at: str
+    by: str | None
+    reason: str | None = None
+
+
+class ImagesView(Projection):
+    """What was pulled or removed through berthd, by reference."""
+
+    name = "images"
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.by_ref: dict[str, PulledImage] = {}
+
+    def apply(self, rec: Recorded) -> None:
+        if rec.kind != "image":
+            return
+        e = rec.event
+        at, by = rec.meta.timestamp, rec.meta.principal
+        if isinstance(e, im.ImagePullRequested):
+            self.by_ref[e.ref] = PulledImage(e.ref, "pulling", None, e.runtime, at, by)
+        elif isinstance(e, im.ImagePulled):
+            self.by_ref[e.ref] = PulledImage(e.ref, "pulled", e.image_id, e.runtime, at, by)
+        elif isinstance(e, im.ImagePullFailed):
+            prev = self.by_ref.get(e.ref)
+            self.by_ref[e.ref] = PulledImage(
+                e.ref, "failed", None, prev.runtime if prev else "docker", at, by, e.reason
+            )
+        elif isinstance(e, im.ImageRemoved):
+            self.by_ref[e.ref] = PulledImage(e.ref, "removed", None, e.runtime, at, by)
+
+    def get(self, ref: str) -> PulledImage | None:
+        return self.by_ref.get(ref)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    position: int
+    timestamp: str
+    kind: str
+    entity: str
+    type: str
+    principal: str | None
+    correlation_id: str | None
+    request_id: str | None
+
+
+class AuditView(Projection):
+    """Who did what, when: one entry per event, indexed by entity and by principal."""
+
+    name = "audit"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with getattr(self, "_lock", threading.Lock()):
+            self.entries: list[AuditEntry] = []
+            self.by_entity: dict[str, list[int]] = {}
+
+    def apply(self, rec: Recorded) -> None:
+        m = rec.meta
+        entry = AuditEntry(
+            rec.position,
+            m.timestamp,
+            rec.kind,
+            rec.stream_id,
+            rec.type,
+            m.principal,
+            m.correlation_id,
+            m.request_id,
+        )
+        with self._lock:
+            self.by_entity.setdefault(rec.stream_id, []).append(len(self.entries))
+            self.entries.append(entry)
+
+    def query(
+        self,
+        entity: str | None = None,
+        since: str | None = None,
+        principal: str | None = None,
+        limit: int = 1000,
+        offset: int = 0,
+    ) -> tuple[list[AuditEntry], int]:
+        with self._lock:
+            if entity is not None:
+                rows = [self.entries[i] for i in self.by_entity.get(entity, [])]
+            else:
+                rows = list(self.entries)
+        if since is not None:
+            rows = [r for r in rows if r.timestamp >= since]
+        if principal is not None:
+            rows = [r for r in rows if r.principal == principal]
+        return rows[offset : offset + limit], len(rows)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    key_id: str
+    name: str
+    role: str
+    key_hash: str
+    rate_limit: int | None
+    created_at: str
+    revoked: bool = False
+
+
+class KeysView(Projection):
+    """API keys by id and by hash (the secret itself is never in the log)."""
+
+    name = "keys"
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.by_id: dict[str, KeyRecord] = {}
+        self.by_hash: dict[str, KeyRecord] = {}
+
+    def apply(self, rec: Recorded) -> None:
+        e = rec.event
+        if isinstance(e, n.ApiKeyCreated):
+            key = KeyRecord(e.key_id, e.name, e.role, e.key_hash, e.rate_limit, e.created_at)
+            self.by_id[e.key_id] = key
+            self.by_hash[e.key_hash] = key
+        elif isinstance(e, n.ApiKeyRevoked):
+            old = self.by_id.get(e.key_id)
+            if old is not None:
+                self.by_id[e.key_id] = KeyRecord(
+                    old.key_id,
+                    old.name,
+                    old.role,
+                    old.key_hash,
+                    old.rate_limit,
+                    old.created_at,
+                    revoked=True,
+                )
+                self.by_hash.pop(old.key_hash, None)
