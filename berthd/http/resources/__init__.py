@@ -1,0 +1,1 @@
+"""Falcon resources: commands in, projections out."""

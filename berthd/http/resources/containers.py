@@ -1,0 +1,180 @@
+"""/v1/containers: create, list, inspect, lifecycle, exec, logs, files."""
+
+from __future__ import annotations
+
+import time
+
+import falcon
+
+from berthd.actors import ExecOutcome
+from berthd.actors.container import map_runtime_error
+from berthd.domain import container as c
+from berthd.domain.errors import Conflict, ValidationError
+from berthd.http.deps import Deps
+from berthd.http.resources._common import context_of, find_container, fresh_container, outcome
+from berthd.http.views import ContainerList, ExecView, RemovedView, container_view
+from berthd.http.wire import decode_body, query_int, read_body, send_json
+from berthd.runtime import base as rt
+
+__all__ = ["ContainerCollection", "ContainerItem", "ContainerAction", "ContainerExec",
+           "ContainerLogs", "ContainerFiles"]
+
+STATUSES = ("creating", "created", "running", "stopping", "exited", "removed", "lost")
+
+
+class ContainerCollection:
+    def __init__(self, deps: Deps) -> None:
+        self.deps = deps
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        cmd = decode_body(req, c.CreateContainer, self.deps.limits.max_body_bytes)
+        ctx = context_of(req)
+        reply = outcome(self.deps, self.deps.supervisor.create_container(
+            cmd, ctx, output_cap=self.deps.limits.output_cap_bytes))
+        send_json(resp, container_view(fresh_container(self.deps, reply)), falcon.HTTP_201)
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        limit = query_int(req, "limit", 50, 1, 1000)
+        offset = query_int(req, "offset", 0, 0, 1 << 31)
+        status = req.get_param("status")
+        if status is not None and status not in STATUSES:
+            raise ValidationError(f"status must be one of {', '.join(STATUSES)}", field="status")
+        labels: list[tuple[str, str | None]] = []
+        for raw in req.get_param_as_list("label") or []:
+            key, sep, value = raw.partition("=")
+            if not key:
+                raise ValidationError("label filters look like key or key=value", field="label")
+            labels.append((key, value if sep else None))
+        ctx = context_of(req)
+        rows = [
+            s for s in self.deps.containers.all()
+            if (ctx.is_admin or s.owner == ctx.owner)
+            and (s.status == status if status else s.status not in c.FINAL)
+            and all(k in s.labels and (v is None or s.labels[k] == v) for k, v in labels)
+        ]
+        rows.sort(key=lambda s: (s.created_at, s.id))
+        page = rows[offset:offset + limit]
+        send_json(resp, ContainerList([container_view(s) for s in page], len(rows), limit, offset))
+
+
+class ContainerItem:
+    def __init__(self, deps: Deps) -> None:
+        self.deps = deps
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
+        state = find_container(self.deps, id, context_of(req))
+        resp.set_header("ETag", f'"{state.version}"')
+        send_json(resp, container_view(state))
+
+    def on_delete(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
+        ctx = context_of(req)
+        state = find_container(self.deps, id, ctx)
+        force = req.get_param_as_bool("force", default=False)
+        reply = outcome(self.deps, self.deps.supervisor.container_command(
+            state.id, c.RemoveContainer(force=bool(force)), ctx))
+        fresh = fresh_container(self.deps, reply)
+        send_json(resp, RemovedView(id=fresh.id, status=fresh.status))
+
+
+_ACTIONS: dict[str, type[c.Command]] = {
+    "start": c.StartContainer,
+    "stop": c.StopContainer,
+    "restart": c.RestartContainer,
+    "kill": c.KillContainer,
+}
+
+
+class ContainerAction:
+    def __init__(self, deps: Deps) -> None:
+        self.deps = deps
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, id: str, action: str) -> None:
+        kind = _ACTIONS.get(action)
+        if kind is None:
+            raise falcon.HTTPNotFound()
+        cmd = decode_body(req, kind, self.deps.limits.max_body_bytes, empty_ok=True)
+        ctx = context_of(req)
+        state = find_container(self.deps, id, ctx)
+        reply = outcome(self.deps, self.deps.supervisor.container_command(state.id, cmd, ctx))
+        send_json(resp, container_view(fresh_container(self.deps, reply)))
+
+
+class ContainerExec:
+    def __init__(self, deps: Deps) -> None:
+        self.deps = deps
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
+        cmd = decode_body(req, c.ExecInContainer, self.deps.limits.max_body_bytes)
+        ctx = context_of(req)
+        state = find_container(self.deps, id, ctx)
+        reply = outcome(self.deps, self.deps.supervisor.container_command(
+            state.id, cmd, ctx, output_cap=self.deps.limits.output_cap_bytes))
+        out: ExecOutcome = reply.result
+        r = out.result
+        send_json(resp, ExecView(
+            exec_id=out.exec_id, exit_code=r.exit_code, stdout=r.stdout.decode("utf-8", "replace"),
+            stderr=r.stderr.decode("utf-8", "replace"), duration_ms=round(r.duration_ms, 3),
+            truncated=r.truncated, timed_out=r.timed_out,
+        ))
+
+
+class ContainerLogs:
+    def __init__(self, deps: Deps) -> None:
+        self.deps = deps
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
+        state = find_container(self.deps, id, context_of(req))
+        tail = query_int(req, "tail", -1, -1, 1 << 24)
+        runtime = _runtime_of(self.deps, state)
+        try:
+            data = runtime.logs(state.id, tail=None if tail < 0 else tail)
+        except rt.SandboxNotFound:
+            raise Conflict(f"container {state.name} is {state.status}; it has no logs any more") from None
+        except rt.RuntimeError_ as exc:
+            raise map_runtime_error(exc) from exc
+        cap = self.deps.limits.output_cap_bytes * 8
+        send_json(resp, {"logs": data[-cap:].decode("utf-8", "replace")})
+
+
+class ContainerFiles:
+    def __init__(self, deps: Deps) -> None:
+        self.deps = deps
+
+    def _path(self, req: falcon.Request) -> str:
+        path = req.get_param("path")
+        if not path or not path.startswith("/") or "\x00" in path or len(path) > 4096:
+            raise ValidationError("path must be an absolute path inside the container", field="path")
+        return path
+
+    def on_put(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
+        path = self._path(req)
+        ctx = context_of(req)
+        state = find_container(self.deps, id, ctx)
+        data = read_body(req, self.deps.limits.max_body_bytes)
+        reply = outcome(self.deps, self.deps.supervisor.container_command(
+            state.id, c.WriteFile(path=path, size=len(data)), ctx, data=data))
+        send_json(resp, {"path": path, "size": len(data), "position": reply.position}, falcon.HTTP_201)
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
+        path = self._path(req)
+        state = find_container(self.deps, id, context_of(req))
+        runtime = _runtime_of(self.deps, state)
+        started = time.monotonic()
+        try:
+            data = runtime.get_file(state.id, path)
+        except rt.SandboxNotFound:
+            raise Conflict(f"container {state.name} is {state.status}") from None
+        except rt.RuntimeError_ as exc:
+            raise map_runtime_error(exc) from exc
+        resp.content_type = "application/octet-stream"
+        resp.set_header("X-Duration-Ms", f"{(time.monotonic() - started) * 1000:.1f}")
+        resp.data = data
+
+
+def _runtime_of(deps: Deps, state: c.ContainerState) -> rt.Runtime:
+    runtime = deps.runtimes.get(state.runtime)
+    if runtime is None:
+        raise ValidationError(f"runtime {state.runtime} is not enabled on this node", field="runtime")
+    return runtime
+
+

@@ -1,0 +1,87 @@
+"""Waitress servers for the Falcon app: one on TCP, one on the unix socket, each on its
+own thread (one waitress server cannot listen on both at once).
+
+Limits are set deliberately rather than left at waitress's defaults (which bind every
+interface, accept 1 GiB bodies and 100 connections).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from waitress import wasyncore
+from waitress.server import create_server
+
+from berthd.http.middleware import trusted
+
+__all__ = ["HttpServers", "ServerLimits"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    threads: int = 16
+    connection_limit: int = 200
+    channel_timeout: int = 120  # seconds an idle or slow connection is kept
+    max_request_body_size: int = 64 << 20
+    max_request_header_size: int = 64 << 10
+
+
+class HttpServers:
+    def __init__(self, app: Callable[..., Iterable[bytes]], host: str | None, port: int | None,
+                 unix_path: str | None, limits: ServerLimits = ServerLimits()) -> None:
+        self._servers: list[Any] = []
+        self._threads: list[threading.Thread] = []
+        opts = dict(
+            threads=limits.threads, connection_limit=limits.connection_limit,
+            channel_timeout=limits.channel_timeout, max_request_body_size=limits.max_request_body_size,
+            max_request_header_size=limits.max_request_header_size, ident="berthd",
+            clear_untrusted_proxy_headers=True, expose_tracebacks=False,
+        )
+        self.tcp_address: tuple[str, int] | None = None
+        self.unix_path = unix_path
+        if host is not None and port is not None:
+            server = create_server(app, host=host, port=port, **opts)
+            self._servers.append(server)
+            addr = server.socket.getsockname()
+            self.tcp_address = (addr[0], addr[1])
+        if unix_path is not None:
+            if os.path.exists(unix_path):
+                os.unlink(unix_path)
+            server = create_server(trusted(app), unix_socket=unix_path, unix_socket_perms="660", **opts)
+            self._servers.append(server)
+
+    def start(self) -> None:
+        for server in self._servers:
+            t = threading.Thread(target=self._run, args=(server,), name="berthd-http", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    @staticmethod
+    def _run(server: Any) -> None:
+        try:
+            server.run()
+        except Exception:  # closing the sockets ends run() with an error on some paths
+            log.debug("http server loop ended", exc_info=True)
+
+    def stop(self) -> None:
+        """Close listeners and every open connection, then let the loops end."""
+        for server in self._servers:
+            try:
+                server.task_dispatcher.shutdown(timeout=5)
+            except Exception:
+                log.debug("stopping http workers", exc_info=True)
+            try:
+                wasyncore.close_all(server._map)
+            except Exception:
+                log.debug("closing http server", exc_info=True)
+        for t in self._threads:
+            t.join(timeout=5)
+        if self.unix_path and os.path.exists(self.unix_path):
+            os.unlink(self.unix_path)

@@ -1,0 +1,122 @@
+"""Response shapes of API.md as msgspec Structs: what resources send, and what the
+OpenAPI document is generated from."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from berthd.domain import container as c
+
+__all__ = [
+    "ContainerList",
+    "ContainerView",
+    "ErrorBody",
+    "EventList",
+    "EventView",
+    "ExecView",
+    "ImageList",
+    "ImageView",
+    "RemovedView",
+    "container_view",
+]
+
+
+class ContainerView(msgspec.Struct, kw_only=True):
+    id: str
+    name: str
+    image: str
+    command: list[str]
+    status: str
+    runtime: str
+    created_at: str
+    env: dict[str, str]
+    mounts: list[c.Mount]
+    ports: list[c.PortMapping]
+    limits: c.Limits
+    profile: str
+    labels: dict[str, str]
+    owner: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    exit_code: int | None = None
+    error: str | None = None
+    version: int = 0
+
+
+def container_view(s: c.ContainerState) -> ContainerView:
+    return ContainerView(
+        id=s.id, name=s.name, image=s.image, command=s.command, status=s.status, runtime=s.runtime,
+        created_at=s.created_at, env=s.env, mounts=s.mounts, ports=s.ports, limits=s.limits,
+        profile=s.profile, labels=s.labels, owner=s.owner, started_at=s.started_at,
+        finished_at=s.finished_at, exit_code=s.exit_code, error=s.error, version=s.version,
+    )
+
+
+class ContainerList(msgspec.Struct):
+    items: list[ContainerView]
+    total: int
+    limit: int
+    offset: int
+
+
+class RemovedView(msgspec.Struct):
+    id: str
+    status: str
+
+
+class ExecView(msgspec.Struct, kw_only=True):
+    exec_id: str
+    exit_code: int | None
+    stdout: str
+    stderr: str
+    duration_ms: float
+    truncated: bool
+    timed_out: bool
+
+
+class ImageView(msgspec.Struct, kw_only=True):
+    id: str
+    tags: list[str]
+    size: int
+    created: str
+    runtime: str
+
+
+class ImageList(msgspec.Struct):
+    items: list[ImageView]
+    total: int
+    limit: int
+    offset: int
+
+
+class EntityRef(msgspec.Struct):
+    kind: str
+    id: str
+
+
+class EventView(msgspec.Struct, kw_only=True, omit_defaults=True):
+    position: int
+    type: str
+    entity: EntityRef
+    version: int
+    timestamp: str
+    principal: str | None = None
+    correlation_id: str | None = None
+    data: dict[str, Any] = {}
+
+
+class EventList(msgspec.Struct):
+    items: list[EventView]
+    last_position: int
+
+
+class ErrorDetail(msgspec.Struct):
+    code: str
+    message: str
+    details: dict[str, Any]
+
+
+class ErrorBody(msgspec.Struct):
+    error: ErrorDetail
