@@ -286,7 +286,7 @@ class ContainerActor(pykka.ThreadingActor):
             self._append(events, ctx)
             runtime = self._runtime()
             exec_id = events[0].exec_id  # type: ignore[attr-defined]
-            spec = rt.ExecSpec(
+            exec_spec = rt.ExecSpec(
                 command=tuple(command.command), env=dict(command.env), workdir=command.workdir,
                 stdin=command.stdin.encode() if command.stdin is not None else None,
                 timeout=command.timeout, output_cap=int(extra.get("output_cap", 1 << 20)),
@@ -297,9 +297,10 @@ class ContainerActor(pykka.ThreadingActor):
 
             def run_exec() -> rt.ExecResult:
                 if attach is None:
-                    return runtime.exec(stream_id, spec)
+                    return runtime.exec(stream_id, exec_spec)
                 # interactive: the caller pumps the stream and returns the result
-                return attach(exec_id, runtime.exec_stream(stream_id, spec, tty=tty))
+                result: rt.ExecResult = attach(exec_id, runtime.exec_stream(stream_id, exec_spec, tty=tty))
+                return result
 
             self._run(run_exec, self._after_exec(exec_id), future, ctx,
                       result_of=lambda r: ExecOutcome(exec_id, r))

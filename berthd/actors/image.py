@@ -56,7 +56,7 @@ class ImageService:
         stream = im.image_stream_id(ref)
         meta = ctx.meta(self.clock, self.node_id)
         append_retrying(self.store, stream, [im.ImagePullRequested(ref=ref, runtime=name)], meta)
-        last = {"at": 0.0, "key": None}
+        last: dict[str, Any] = {"at": 0.0, "key": None}
 
         def progress(item: dict[str, Any]) -> None:
             status = str(item.get("status", ""))

@@ -22,6 +22,7 @@ from berthd.actors.context import SYSTEM, Clock, CommandContext, Reply, new_id
 from berthd.domain import container as c
 from berthd.domain.base import Event
 from berthd.domain.errors import (
+    Busy,
     Conflict,
     ContainerNotFound,
     RuntimeUnavailable,
@@ -155,7 +156,8 @@ class Supervisor:
     def container_state(self, berth_id: str) -> c.ContainerState | None:
         """The actor's state (only for callers that need the write side's truth)."""
         ref = self._get(berth_id)
-        return ref.proxy().get_state().get(timeout=self.ask_timeout)
+        state: c.ContainerState | None = ref.proxy().get_state().get(timeout=self.ask_timeout)
+        return state
 
     # ------------------------------------------------------------------ boot
 
@@ -209,7 +211,10 @@ class Supervisor:
 
     def _ask(self, ref: pykka.ActorRef[ContainerActor], method: str, *args: Any, **kwargs: Any) -> Future[Reply]:
         proxy = ref.proxy()
-        inner: Future[Reply] = getattr(proxy, method)(*args, **kwargs).get(timeout=self.ask_timeout)
+        try:
+            inner: Future[Reply] = getattr(proxy, method)(*args, **kwargs).get(timeout=self.ask_timeout)
+        except pykka.Timeout:
+            raise Busy(f"the entity did not take the command within {self.ask_timeout:.0f} s; retry") from None
         return inner
 
     def _release_name(self, name: str, failed: bool) -> None:

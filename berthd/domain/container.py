@@ -19,6 +19,7 @@ import msgspec
 
 from berthd.domain.base import Command, Event
 from berthd.domain.errors import Conflict, ValidationError
+from berthd.domain.image import ImageRef
 
 __all__ = [
     "CONTAINER_EVENTS",
@@ -93,7 +94,7 @@ class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defau
 
 
 class CreateContainer(Command):
-    image: Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+    image: ImageRef
     command: Argv = []
     name: Name | None = None
     env: EnvMap = {}

@@ -21,6 +21,7 @@ Messages say what to do next. Nothing is appended to the log for a refused comma
     ├── UnsupportedMediaType        415 UNSUPPORTED_MEDIA_TYPE
     ├── Unprocessable               422 UNPROCESSABLE (domain refusal)
     ├── RateLimited                 429 RATE_LIMITED
+    ├── Busy                        503 BUSY (an actor did not take the command in time)
     ├── RuntimeUnavailable          503 RUNTIME_UNAVAILABLE
     ├── StoreUnavailable            503 STORE_UNAVAILABLE
     └── RuntimeFailed               502 RUNTIME_FAILED (the engine refused an operation)
@@ -32,6 +33,7 @@ from typing import Any, ClassVar
 
 __all__ = [
     "BerthdError",
+    "Busy",
     "Conflict",
     "ContainerNotFound",
     "Forbidden",
@@ -135,6 +137,10 @@ class RateLimited(BerthdError):
 
 class RuntimeFailed(BerthdError):
     code, status = "RUNTIME_FAILED", 502
+
+
+class Busy(BerthdError):
+    code, status = "BUSY", 503
 
 
 class RuntimeUnavailable(BerthdError):

@@ -24,7 +24,15 @@ __all__ = [
     "image_stream_id",
 ]
 
-ImageRef = Annotated[str, msgspec.Meta(min_length=1, max_length=512, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]*$")]
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+REF_PATTERN = (
+    r"^(?:[a-zA-Z0-9-]+(?:\.[a-zA-Z0-9-]+)*(?::[0-9]+)?/)?"  # registry host[:port]/
+    rf"{_COMPONENT}(?:/{_COMPONENT})*"  # repository path, lowercase
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"  # :tag
+    r"(?:@sha256:[a-f0-9]{64})?$"  # @digest
+)
+"""Docker's reference grammar, so a bad reference is a 400 before any engine sees it."""
+ImageRef = Annotated[str, msgspec.Meta(min_length=1, max_length=512, pattern=REF_PATTERN)]
 
 
 class PullImage(Command):

@@ -3,6 +3,8 @@ comes in ``deps``, so tests build as many apps as they like."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import falcon
 
 from berthd.http.deps import Deps
@@ -14,8 +16,9 @@ from berthd.http.resources import containers, events, images, system
 __all__ = ["create_app"]
 
 
-def create_app(deps: Deps) -> falcon.App:
-    app = falcon.App(middleware=[RequestIds(), AuthMiddleware(deps.auth)])
+def create_app(deps: Deps) -> falcon.App[Any, Any]:
+    middleware: list[Any] = [RequestIds(), AuthMiddleware(deps.auth)]
+    app: falcon.App[Any, Any] = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     app.req_options.auto_parse_qs_csv = True
     register_error_handlers(app)

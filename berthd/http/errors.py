@@ -5,6 +5,7 @@ anything unexpected logged and answered 500 ``INTERNAL_ERROR`` without details."
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import falcon
@@ -56,7 +57,8 @@ def _falcon_error(req: falcon.Request, resp: falcon.Response, ex: falcon.HTTPErr
     elif status == 405:
         message = f"{req.method} is not allowed on {req.path}"
     _send(resp, status, error_body(code, message))
-    for name, value in (ex.headers or {}).items():
+    headers = ex.headers or {}
+    for name, value in headers.items() if isinstance(headers, Mapping) else headers:
         resp.set_header(name, value)
 
 
@@ -66,7 +68,7 @@ def _unexpected(req: falcon.Request, resp: falcon.Response, ex: Exception, param
                                 {"request_id": req.context.get("request_id")}))
 
 
-def register_error_handlers(app: falcon.App) -> None:
+def register_error_handlers(app: falcon.App[Any, Any]) -> None:
     # Falcon picks the most specific handler registered for an exception's class
     app.add_error_handler(Exception, _unexpected)
     app.add_error_handler(falcon.HTTPError, _falcon_error)

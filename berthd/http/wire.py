@@ -59,7 +59,7 @@ def decode_body(req: falcon.Request, kind: type[T], limit: int, empty_ok: bool =
         raise ValidationError(f"malformed JSON: {exc}", field="$") from exc
 
 
-def send_json(resp: falcon.Response, obj: Any, status: int = 200) -> None:
+def send_json(resp: falcon.Response, obj: Any, status: int | str = 200) -> None:
     resp.status = status
     resp.content_type = falcon.MEDIA_JSON
     resp.data = _encoder.encode(obj)

@@ -11,13 +11,14 @@ import falcon
 from berthd.actors import CommandContext, Reply
 from berthd.domain import container as c
 from berthd.domain.errors import BerthdError, ContainerNotFound, RuntimeUnavailable
+from berthd.http.auth import Principal
 from berthd.http.deps import Deps
 
 __all__ = ["context_of", "outcome", "fresh_container", "find_container"]
 
 
 def context_of(req: falcon.Request) -> CommandContext:
-    principal = req.context.principal
+    principal: Principal = req.context.principal
     return principal.context(req.context.get("correlation_id"), req.context.get("request_id"))
 
 

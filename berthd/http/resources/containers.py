@@ -9,6 +9,7 @@ import falcon
 from berthd.actors import ExecOutcome
 from berthd.actors.container import map_runtime_error
 from berthd.domain import container as c
+from berthd.domain.base import Command
 from berthd.domain.errors import Conflict, ValidationError
 from berthd.http.deps import Deps
 from berthd.http.resources._common import context_of, find_container, fresh_container, outcome
@@ -76,7 +77,7 @@ class ContainerItem:
         send_json(resp, RemovedView(id=fresh.id, status=fresh.status))
 
 
-_ACTIONS: dict[str, type[c.Command]] = {
+_ACTIONS: dict[str, type[Command]] = {
     "start": c.StartContainer,
     "stop": c.StopContainer,
     "restart": c.RestartContainer,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import falcon
 
-from berthd.domain.errors import ValidationError
+from berthd.domain.errors import Forbidden, ValidationError
+from berthd.events.store import Recorded
 from berthd.http.deps import Deps
+from berthd.http.resources._common import context_of
 from berthd.http.wire import query_int, send_json
 
 __all__ = ["EventCollection", "AuditCollection"]
@@ -16,6 +18,7 @@ class EventCollection:
         self.deps = deps
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        ctx = context_of(req)
         after = query_int(req, "after", 0, 0, 1 << 62)
         limit = query_int(req, "limit", 100, 1, 1000)
         types = tuple(t for t in (req.get_param_as_list("type") or []) if t)
@@ -33,11 +36,18 @@ class EventCollection:
                 position = rec.position
                 if (kind and rec.kind != kind) or (entity and rec.stream_id != entity):
                     continue
+                if not ctx.is_admin and not self._visible(rec, ctx.owner):
+                    continue
                 items.append(rec.as_served())
                 if len(items) >= limit:
                     break
         last = position if items and len(items) >= limit else max(position, head)
         send_json(resp, {"items": items, "last_position": last})
+
+    def _visible(self, rec: Recorded, owner: str) -> bool:
+        """A non-admin key sees the events of its own containers only."""
+        state = self.deps.containers.get(rec.stream_id) if rec.kind == "container" else None
+        return state is not None and state.owner == owner
 
 
 class AuditCollection:
@@ -45,6 +55,8 @@ class AuditCollection:
         self.deps = deps
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        if not context_of(req).is_admin:
+            raise Forbidden("the audit trail is for admin keys")
         limit = query_int(req, "limit", 100, 1, 1000)
         offset = query_int(req, "offset", 0, 0, 1 << 31)
         since = req.get_param("since")

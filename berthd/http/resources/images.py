@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import falcon
 
 from berthd.domain import image as im
@@ -48,8 +50,9 @@ class ImageItem:
         self.deps = deps
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, ref: str) -> None:
-        if not ref or len(ref) > 512 or "\x00" in ref:
-            raise ValidationError("not an image reference", field="ref")
+        if len(ref) > 512 or not re.fullmatch(im.REF_PATTERN, ref):
+            raise ValidationError("not an image reference (like busybox:latest or host:5000/repo:tag)",
+                                  field="ref")
         force = bool(req.get_param_as_bool("force", default=False))
         position = self.deps.images.remove(ref, req.get_param("runtime"), force, context_of(req))
         self.deps.runner.wait_for(position, self.deps.limits.read_your_writes_timeout)

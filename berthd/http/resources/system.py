@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import falcon
 from prometheus_client import CollectorRegistry, generate_latest
@@ -98,7 +99,7 @@ class _Collector:
     def __init__(self, deps: Deps) -> None:
         self.deps = deps
 
-    def collect(self):  # type: ignore[no-untyped-def]
+    def collect(self) -> Iterator[GaugeMetricFamily]:
         g = GaugeMetricFamily("berthd_containers", "Containers by status", labels=["status"])
         for status, n in self.deps.containers.counts().items():
             g.add_metric([status], n)
@@ -116,7 +117,7 @@ class Metrics:
 
     def __init__(self, deps: Deps) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_Collector(deps))  # type: ignore[arg-type]
+        self.registry.register(_Collector(deps))
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.content_type = "text/plain; version=0.0.4; charset=utf-8"

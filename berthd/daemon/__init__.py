@@ -1,0 +1,1 @@
+"""Config, the ``berthd`` command line and the daemon's lifecycle."""
