@@ -1,0 +1,254 @@
+"""The one small interface every sandbox runtime implements.
+
+A runtime is a side-effect adapter: it knows nothing of events, actors or HTTP. Every
+call is blocking and may be slow, so actors call it from worker threads, never from their
+mailbox. Runtimes identify containers by the berthd id (``berth_id``) they were created
+with; they keep their own mapping to engine ids (the Docker id, a workspace dir) and
+label what they create with ``berth.id`` and ``berth.node`` so that reconciliation after
+a crash can find it again.
+
+Errors: a runtime raises only the exceptions defined here. ``RuntimeUnavailable`` means
+the engine cannot be reached (HTTP 503); ``SandboxNotFound`` means the container does not
+exist (any more) in the runtime; ``RuntimeFailure`` is any other refusal by the engine
+(bad image, bad command, ...), with a message fit for a user.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+__all__ = [
+    "ContainerSpec",
+    "ExecResult",
+    "ExecSpec",
+    "ExecStream",
+    "ImageInfo",
+    "ImageMissing",
+    "Mount",
+    "PortMapping",
+    "Limits",
+    "Runtime",
+    "RuntimeError_",
+    "RuntimeFailure",
+    "RuntimeUnavailable",
+    "SandboxNotFound",
+    "SandboxStatus",
+    "ExitNotice",
+]
+
+
+class RuntimeError_(Exception):  # noqa: N801 - the builtin name is taken
+    """Base of every error a runtime raises."""
+
+
+class RuntimeUnavailable(RuntimeError_):
+    """The engine cannot be reached (socket gone, daemon stopped, timeout)."""
+
+
+class SandboxNotFound(RuntimeError_):
+    """The container does not exist in the runtime (never did, or was removed)."""
+
+
+class RuntimeFailure(RuntimeError_):
+    """The engine refused or failed an operation; the message says why."""
+
+
+class ImageMissing(RuntimeFailure):
+    """The image does not exist in the runtime (pull it first)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Mount:
+    host_path: str
+    container_path: str
+    mode: str = "ro"  # "ro" | "rw"
+
+
+@dataclass(frozen=True, slots=True)
+class PortMapping:
+    container_port: int
+    host_port: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    memory_mb: int | None = None
+    cpus: float | None = None
+    pids: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerSpec:
+    """Everything a runtime needs to create one container."""
+
+    berth_id: str
+    node_id: str
+    image: str
+    command: tuple[str, ...] = ()
+    name: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    workdir: str | None = None
+    mounts: tuple[Mount, ...] = ()
+    ports: tuple[PortMapping, ...] = ()
+    limits: Limits = Limits()
+    network: bool = True
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxStatus:
+    """What the runtime says of one container right now."""
+
+    berth_id: str
+    state: str  # "created" | "running" | "exited"
+    exit_code: int | None = None
+    started_at: str | None = None  # RFC 3339 UTC, "Z"
+    finished_at: str | None = None
+    node_id: str | None = None
+    runtime_ref: str | None = None  # engine id, for logs and debugging
+
+
+@dataclass(frozen=True, slots=True)
+class ExitNotice:
+    """Pushed by ``Runtime.watch``: a container stopped running."""
+
+    berth_id: str
+    exit_code: int | None
+    finished_at: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ExecSpec:
+    command: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)
+    workdir: str | None = None
+    stdin: bytes | None = None
+    timeout: float | None = None  # seconds; None = no limit
+    output_cap: int = 1 << 20  # bytes kept per stream; the rest is dropped, truncated=True
+
+
+@dataclass(frozen=True, slots=True)
+class ExecResult:
+    exit_code: int | None
+    stdout: bytes
+    stderr: bytes
+    duration_ms: float
+    truncated: bool = False
+    timed_out: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ImageInfo:
+    id: str
+    tags: tuple[str, ...]
+    size: int
+    created: str  # RFC 3339 UTC
+    runtime: str
+
+
+class ExecStream(abc.ABC):
+    """An interactive exec: stdin in, (stream, bytes) chunks out, then the exit code."""
+
+    @abc.abstractmethod
+    def write_stdin(self, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    def close_stdin(self) -> None: ...
+
+    @abc.abstractmethod
+    def signal(self, signame: str) -> None:
+        """Send a signal ("INT", "TERM", "KILL", ...) to the exec'd process (group)."""
+
+    @abc.abstractmethod
+    def output(self) -> Iterator[tuple[str, bytes]]:
+        """Yield ("stdout"|"stderr", chunk) until the process ends."""
+
+    @abc.abstractmethod
+    def wait(self, timeout: float | None = None) -> int | None:
+        """The exit code, once the process ended (None if unknown)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release resources; kills the process if it is still running."""
+
+
+class Runtime(abc.ABC):
+    """A place where sandboxes run: the Docker engine, local processes, or a fake."""
+
+    name: str  # "docker" | "local" | "fake"
+
+    @property
+    @abc.abstractmethod
+    def isolation(self) -> str:
+        """How sandboxes are isolated: "container", "bubblewrap", "none", ..."""
+
+    @abc.abstractmethod
+    def ping(self) -> None:
+        """Raise ``RuntimeUnavailable`` if the engine cannot be reached."""
+
+    # containers
+    @abc.abstractmethod
+    def create(self, spec: ContainerSpec) -> SandboxStatus: ...
+
+    @abc.abstractmethod
+    def start(self, berth_id: str) -> SandboxStatus: ...
+
+    @abc.abstractmethod
+    def stop(self, berth_id: str, timeout: float = 10.0) -> SandboxStatus:
+        """Stop (TERM, then KILL after ``timeout``); returns the exited status."""
+
+    @abc.abstractmethod
+    def kill(self, berth_id: str, signal: str = "KILL") -> SandboxStatus: ...
+
+    @abc.abstractmethod
+    def remove(self, berth_id: str, force: bool = False) -> None:
+        """Remove the container; ``SandboxNotFound`` if it is already gone."""
+
+    @abc.abstractmethod
+    def inspect(self, berth_id: str) -> SandboxStatus: ...
+
+    @abc.abstractmethod
+    def list_managed(self, node_id: str) -> list[SandboxStatus]:
+        """Every container this node created (label ``berth.node``) still in the runtime."""
+
+    @abc.abstractmethod
+    def exec(self, berth_id: str, spec: ExecSpec) -> ExecResult: ...
+
+    @abc.abstractmethod
+    def exec_stream(self, berth_id: str, spec: ExecSpec, tty: bool = False) -> ExecStream: ...
+
+    @abc.abstractmethod
+    def logs(self, berth_id: str, tail: int | None = None) -> bytes: ...
+
+    @abc.abstractmethod
+    def follow_logs(self, berth_id: str) -> Iterator[bytes]:
+        """Existing logs, then new output as it comes, until the container stops."""
+
+    @abc.abstractmethod
+    def put_file(self, berth_id: str, path: str, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    def get_file(self, berth_id: str, path: str) -> bytes: ...
+
+    # images
+    @abc.abstractmethod
+    def images(self) -> list[ImageInfo]: ...
+
+    @abc.abstractmethod
+    def pull(self, ref: str, progress: Callable[[dict[str, object]], None] | None = None) -> ImageInfo: ...
+
+    @abc.abstractmethod
+    def remove_image(self, ref: str, force: bool = False) -> None: ...
+
+    # lifecycle
+    @abc.abstractmethod
+    def watch(self, on_exit: Callable[[ExitNotice], None]) -> None:
+        """Start pushing an ``ExitNotice`` for every managed container that stops running
+        (exits on its own, is killed behind our back, or is stopped through us) within 5 s.
+        Runs on the runtime's own thread; ``on_exit`` must not block."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stop watching and release connections."""

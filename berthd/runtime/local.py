@@ -1,0 +1,997 @@
+"""The local runtime: containers as host processes in a private workspace, sandboxed by
+bubblewrap when it is installed.
+
+Layout, one directory per container under ``root_dir`` (mode 0711, root-owned)::
+
+    <berth_id>/spec.json      the ContainerSpec + uid, created_at      (0600)
+    <berth_id>/workspace/     /workspace inside, owned by the container's uid (0700)
+    <berth_id>/tmp/           /tmp inside, likewise
+    <berth_id>/launch.json    what the shim runs                       (0600)
+    <berth_id>/state.json     written by the shim once the command runs
+    <berth_id>/exit.json      written by the shim when it ends
+    <berth_id>/container.log  the main process's stdout + stderr       (0600)
+
+The main process is started through ``berthd.runtime._shim`` in a session of its own, so
+it survives the daemon (even a SIGKILL) and a new ``LocalRuntime`` on the same root
+picks it up from the files above: nothing lives only in memory.
+
+What is enforced
+----------------
+With bubblewrap (``isolation == "bubblewrap"``): a fresh mount namespace whose ``/`` is a
+tmpfs holding read-only binds of the host's top-level directories (the "host" image),
+``/workspace`` and ``/tmp`` bound read-write to the container's own directories, ``/run``
+and the runtime's root replaced by empty tmpfs (no host sockets, no other containers),
+``/dev`` and ``/proc`` fresh; every namespace unshared (pid, ipc, uts, cgroup, user, and
+net unless ``spec.network``), all capabilities dropped, a new session (no TIOCSTI on a
+terminal), uid/gid 65534 inside.
+
+When the daemon runs as root, each container also gets its own unprivileged host uid
+(``uid_base + n``): bubblewrap itself is started as that uid, so inside the sandbox
+"nobody" is, to the host kernel, a uid that owns nothing but the container's own
+directories (bubblewrap run as root with ``--uid`` would still be host root to file
+permission checks). The same uid is used without bubblewrap, so even then a container
+cannot read root's files or another container's workspace.
+
+Limits: ``memory_mb`` is RLIMIT_AS (address space per process, not a total), ``pids`` is
+RLIMIT_NPROC, which the kernel counts per uid: it is a real per-container process limit
+only with per-container uids (daemon as root); otherwise it is not applied (warning).
+``cpus`` is not enforced by this runtime (warning). Both rlimits are set with
+``prlimit`` (util-linux) in front of the command.
+
+Without bubblewrap (``isolation == "none"``, logged as a WARNING): plain processes in
+their own session and process group, cwd the workspace, ``HOME``/``TMPDIR`` pointing into
+the container's directories; container paths ``/workspace`` and ``/tmp`` are mapped only
+for ``workdir``, ``put_file``/``get_file``, not for paths inside commands. Mounts are
+refused (they need a mount namespace).
+
+Signals go to the whole tree: the process group of the main process plus all of its
+descendants (bubblewrap: everything below the sandbox's init; its init and the outer
+bubblewrap are spared TERM/INT/..., which they would not forward, and get KILL).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+import signal as _signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import berthd
+from berthd.runtime import _files, _proc
+from berthd.runtime._hostexec import ProcessExecStream, Spawner, run_to_completion
+from berthd.runtime._shim import EXIT_FILE, LAUNCH_FILE, STATE_FILE, write_json_atomic
+from berthd.runtime._util import ExitTracker, format_time, signal_number, utc_now
+from berthd.runtime.base import (
+    ContainerSpec,
+    ExecResult,
+    ExecSpec,
+    ExecStream,
+    ExitNotice,
+    ImageInfo,
+    ImageMissing,
+    Runtime,
+    RuntimeFailure,
+    RuntimeUnavailable,
+    SandboxNotFound,
+    SandboxStatus,
+)
+
+__all__ = ["LocalRuntime"]
+
+log = logging.getLogger(__name__)
+
+HOST_IMAGE = "host"
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+SANDBOX_UID = 65534  # what processes see inside bubblewrap
+SPEC_FILE = "spec.json"
+LOG_FILE = "container.log"
+SHIM_LOG_FILE = "shim.log"
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# Top-level host entries the sandbox never gets from the host.
+_NOT_FROM_HOST = frozenset({"proc", "dev", "tmp", "workspace", "run", "sys"})
+_START_TIMEOUT = 10.0
+_KILL_WAIT = 10.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Paths:
+    root: str
+
+    @property
+    def spec(self) -> str:
+        return os.path.join(self.root, SPEC_FILE)
+
+    @property
+    def workspace(self) -> str:
+        return os.path.join(self.root, "workspace")
+
+    @property
+    def tmp(self) -> str:
+        return os.path.join(self.root, "tmp")
+
+    @property
+    def launch(self) -> str:
+        return os.path.join(self.root, LAUNCH_FILE)
+
+    @property
+    def state(self) -> str:
+        return os.path.join(self.root, STATE_FILE)
+
+    @property
+    def exit(self) -> str:
+        return os.path.join(self.root, EXIT_FILE)
+
+    @property
+    def log(self) -> str:
+        return os.path.join(self.root, LOG_FILE)
+
+    @property
+    def shim_log(self) -> str:
+        return os.path.join(self.root, SHIM_LOG_FILE)
+
+
+def _read_json(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _signal_sandbox(outer_pid: int, sig: int, settle: float = 2.0) -> None:
+    """Signal what runs inside a bubblewrap sandbox whose outer process is ``outer_pid``.
+
+    KILL takes everything, bwrap included. Other signals spare bwrap's two processes
+    (they would not forward it, and a TERM would make the outer one tear the sandbox
+    down with SIGKILL); if the command has not been forked yet (the sandbox is still
+    being set up), retry briefly rather than lose the signal."""
+    if sig == _signal.SIGKILL:
+        _proc.signal_tree(outer_pid, sig)
+        return
+    deadline = time.monotonic() + settle
+    while _proc.signal_tree(outer_pid, sig, include_root=False, spare_children_of_root=True) == 0:
+        if time.monotonic() >= deadline or _proc.read_proc(outer_pid) is None:
+            return
+        time.sleep(0.005)
+
+
+class LocalRuntime(Runtime):
+    """Containers as sandboxed host processes under ``root_dir`` (see the module doc).
+
+    ``use_bwrap``: None = use bubblewrap when ``bwrap`` is on PATH and works, True = require
+    it (``RuntimeUnavailable`` otherwise), False = plain processes. ``uid_base`` and
+    ``uid_count`` bound the per-container host uids used when the daemon runs as root.
+    """
+
+    name = "local"
+
+    def __init__(
+        self,
+        root_dir: str | os.PathLike[str],
+        node_id: str,
+        use_bwrap: bool | None = None,
+        *,
+        poll_interval: float = 0.5,
+        uid_base: int = 2_000_000_000,
+        uid_count: int = 100_000,
+    ) -> None:
+        self.node_id = node_id
+        self._root = os.path.abspath(os.fspath(root_dir))
+        self._poll_interval = poll_interval
+        self._uid_base = uid_base
+        self._uid_count = uid_count
+        self._as_root = os.geteuid() == 0
+        self._prlimit = shutil.which("prlimit")
+        os.makedirs(self._root, mode=0o711, exist_ok=True)
+        os.makedirs(os.path.join(self._root, ".uids"), mode=0o700, exist_ok=True)
+        if self._as_root:
+            self._check_searchable(self._root)
+        self._bwrap = self._find_bwrap(use_bwrap)
+        if self._bwrap is None:
+            log.warning(
+                "isolation: none - local containers under %s run as plain host processes "
+                "(install bubblewrap to sandbox them)",
+                self._root,
+            )
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        # Execs we started, per container: they end when the container stops (the shim
+        # also kills every process of a per-container uid; this covers the rest).
+        self._execs: dict[str, set[subprocess.Popen[bytes]]] = {}
+        self._watch_thread: threading.Thread | None = None
+        self._on_exit: Callable[[ExitNotice], None] | None = None
+        self._wake = threading.Event()
+        self._closed = threading.Event()
+        # Execs are spawned from this one long-lived thread (see _sandbox_argv).
+        self._spawner = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"local-spawner-{node_id}"
+        )
+
+    # ------------------------------------------------------------------ setup
+
+    @staticmethod
+    def _check_searchable(root: str) -> None:
+        """Sandboxes run as other uids and must reach their directories under ``root``."""
+        path = Path(root)
+        for directory in [path, *path.parents]:
+            if not os.stat(directory).st_mode & 0o001:
+                raise RuntimeFailure(
+                    f"{directory} is not searchable by other users; local containers run as "
+                    f"per-container uids and need o+x on every parent of {root} "
+                    "(chmod o+x, or choose another root directory)"
+                )
+
+    def _find_bwrap(self, use_bwrap: bool | None) -> str | None:
+        if use_bwrap is False:
+            return None
+        path = shutil.which("bwrap")
+        if path is None:
+            if use_bwrap:
+                raise RuntimeUnavailable("bubblewrap requested but `bwrap` is not on PATH")
+            return None
+        problem = self._probe_bwrap(path)
+        if problem is None:
+            return path
+        if use_bwrap:
+            raise RuntimeUnavailable(f"bubblewrap does not work here: {problem}")
+        log.warning("bubblewrap found at %s but unusable (%s); falling back", path, problem)
+        return None
+
+    def _probe_bwrap(self, path: str) -> str | None:
+        """Run ``true`` in a sandbox built like ours, as a sandbox uid would."""
+        user = self._uid_base + self._uid_count if self._as_root else None
+        argv = [
+            path,
+            *self._root_binds(),
+            "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--remount-ro", "/",
+            "--unshare-all", "--cap-drop", "ALL",
+            "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--new-session",
+            "--", "true",
+        ]  # fmt: skip
+        try:
+            done = subprocess.run(
+                argv,
+                capture_output=True,
+                timeout=10,
+                user=user,
+                group=user,
+                extra_groups=[] if user is not None else None,
+                cwd="/",
+                env={"PATH": DEFAULT_PATH},
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return str(exc)
+        if done.returncode != 0:
+            return done.stderr.decode(errors="replace").strip() or f"exit {done.returncode}"
+        return None
+
+    @staticmethod
+    def _root_binds() -> list[str]:
+        """The "host" image: the host's top-level directories, read-only, on a tmpfs /."""
+        argv = ["--tmpfs", "/"]
+        for entry in sorted(os.listdir("/")):
+            if entry in _NOT_FROM_HOST:
+                continue
+            path = "/" + entry
+            if os.path.islink(path):
+                argv += ["--symlink", os.readlink(path), path]
+            elif os.path.isdir(path) or os.path.isfile(path):
+                argv += ["--ro-bind", path, path]
+        argv += ["--ro-bind", "/sys", "/sys", "--tmpfs", "/run"]
+        return argv
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def isolation(self) -> str:
+        return "bubblewrap" if self._bwrap is not None else "none"
+
+    def ping(self) -> None:
+        if not os.access(self._root, os.R_OK | os.W_OK | os.X_OK):
+            raise RuntimeUnavailable(f"runtime directory {self._root} is not accessible")
+
+    # ------------------------------------------------------------------ helpers
+
+    def _lock(self, berth_id: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(berth_id, threading.Lock())
+
+    def _paths(self, berth_id: str) -> _Paths:
+        if not isinstance(berth_id, str) or not _ID_RE.match(berth_id):
+            raise SandboxNotFound(f"no container {berth_id!r} (not a valid id)")
+        return _Paths(os.path.join(self._root, berth_id))
+
+    def _spec(self, paths: _Paths, berth_id: str) -> dict[str, Any]:
+        spec = _read_json(paths.spec)
+        if spec is None:
+            raise SandboxNotFound(f"no container {berth_id} in the local runtime")
+        return spec
+
+    def _owner(self, spec: dict[str, Any]) -> tuple[int, int] | None:
+        uid = spec.get("uid")
+        return (uid, uid) if isinstance(uid, int) else None
+
+    def _allocate_uid(self, berth_id: str) -> int:
+        """Claim a free uid with an O_EXCL file, so concurrent creators never share one."""
+        claims = os.path.join(self._root, ".uids")
+        start = int.from_bytes(berth_id.encode()[-8:].rjust(8, b"\0"), "big") % self._uid_count
+        for step in range(self._uid_count):
+            uid = self._uid_base + (start + step) % self._uid_count
+            try:
+                fd = os.open(
+                    os.path.join(claims, str(uid)), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600
+                )
+            except FileExistsError:
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(berth_id)
+            return uid
+        raise RuntimeFailure("no free sandbox uid left; remove some containers")
+
+    def _release_uid(self, uid: int | None) -> None:
+        if isinstance(uid, int):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self._root, ".uids", str(uid)))
+
+    def _host_path(self, paths: _Paths, container_path: str) -> str:
+        """Where a container path lives on the host, for this isolation mode."""
+        norm = os.path.normpath(container_path)
+        for prefix, host in (("/workspace", paths.workspace), ("/tmp", paths.tmp)):
+            if norm == prefix or norm.startswith(prefix + "/"):
+                return host + norm[len(prefix) :]
+        return norm
+
+    def _env(self, spec: dict[str, Any], paths: _Paths, extra: dict[str, str]) -> dict[str, str]:
+        """A clean environment: never the daemon's (it may hold keys)."""
+        if self._bwrap is not None:
+            env = {"PATH": DEFAULT_PATH, "HOME": "/workspace", "TMPDIR": "/tmp"}
+        else:
+            env = {"PATH": DEFAULT_PATH, "HOME": paths.workspace, "TMPDIR": paths.tmp}
+        env.update(LANG="C.UTF-8", USER="nobody", LOGNAME="nobody")
+        env.update(spec.get("env") or {})
+        env.update(extra)
+        return env
+
+    def _resolve_command(self, paths: _Paths, command: list[str], env: dict[str, str]) -> bool:
+        """Does the command's executable exist (seen from inside the sandbox)?"""
+        if not command:
+            return False
+        exe = command[0]
+        if "/" in exe:
+            if not exe.startswith("/"):
+                return True  # relative to the working directory: let the exec decide
+            host = self._host_path(paths, exe)
+            return os.path.isfile(host) and os.access(host, os.X_OK)
+        for directory in env.get("PATH", DEFAULT_PATH).split(":"):
+            if directory.startswith("/"):
+                candidate = os.path.join(self._host_path(paths, directory), exe)
+                if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+                    return True
+        return False
+
+    def _limits_prefix(self, spec: dict[str, Any]) -> list[str]:
+        limits = spec.get("limits") or {}
+        flags: list[str] = []
+        if limits.get("memory_mb"):
+            flags.append(f"--as={int(limits['memory_mb']) * 1024 * 1024}")
+        if limits.get("pids") and self._as_root:
+            # bubblewrap's own two processes run as the same uid.
+            extra = 2 if self._bwrap is not None else 0
+            flags.append(f"--nproc={int(limits['pids']) + extra}")
+        if not flags:
+            return []
+        if self._prlimit is None:
+            raise RuntimeFailure("resource limits need `prlimit` (util-linux), not found")
+        return [self._prlimit, *flags, "--"]
+
+    def _sandbox_argv(self, spec: dict[str, Any], paths: _Paths, workdir: str) -> list[str]:
+        assert self._bwrap is not None
+        argv = [self._bwrap, *self._root_binds()]
+        argv += ["--dev", "/dev", "--proc", "/proc"]
+        if spec.get("network") and os.path.isdir("/run/systemd/resolve"):
+            # resolv.conf may point there (systemd-resolved).
+            argv += ["--ro-bind", "/run/systemd/resolve", "/run/systemd/resolve"]
+        if not (self._root + "/").startswith("/tmp/"):
+            argv += ["--tmpfs", self._root]  # other containers' directories
+        argv += ["--bind", paths.workspace, "/workspace", "--bind", paths.tmp, "/tmp"]
+        for mount in spec.get("mounts") or ():
+            flag = "--bind" if mount.get("mode") == "rw" else "--ro-bind"
+            argv += [flag, mount["host_path"], mount["container_path"]]
+        argv += ["--remount-ro", "/", "--chdir", workdir, "--unshare-all"]
+        if spec.get("network"):
+            argv.append("--share-net")
+        argv += [
+            "--hostname", f"berth-{spec['berth_id']}"[:63],
+            "--cap-drop", "ALL",
+            "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
+            "--new-session",
+        ]  # fmt: skip
+        # The sandbox dies with its parent: the shim for the main process; for an exec,
+        # the runtime's spawner thread (PR_SET_PDEATHSIG fires when the parent *thread*
+        # ends, so execs are never spawned from short-lived worker threads). It also
+        # makes the outer bwrap's exit take the sandbox's init and every background
+        # process down, as a container engine does when an exec's process ends.
+        argv += ["--die-with-parent", "--"]
+        return argv
+
+    def _launch(
+        self, spec: dict[str, Any], paths: _Paths, command: list[str], workdir: str | None
+    ) -> tuple[list[str], str]:
+        """The full argv (limits, sandbox, command) and the host cwd to start it in."""
+        prefix = self._limits_prefix(spec)
+        if self._bwrap is not None:
+            inside = workdir or spec.get("workdir") or "/workspace"
+            return [*prefix, *self._sandbox_argv(spec, paths, inside), *command], "/"
+        wanted = workdir or spec.get("workdir")
+        cwd = self._host_path(paths, wanted) if wanted else paths.workspace
+        return [*prefix, *command], cwd
+
+    # ------------------------------------------------------------------ status
+
+    def _status(self, berth_id: str, paths: _Paths, spec: dict[str, Any]) -> SandboxStatus:
+        def status(
+            state: str,
+            run: dict[str, Any] | None = None,
+            done: dict[str, Any] | None = None,
+        ) -> SandboxStatus:
+            return SandboxStatus(
+                berth_id=berth_id,
+                state=state,
+                exit_code=(done or {}).get("exit_code"),
+                started_at=(run or {}).get("started_at"),
+                finished_at=(done or {}).get("finished_at"),
+                node_id=spec.get("node_id"),
+                runtime_ref=paths.root,
+            )
+
+        done = _read_json(paths.exit)
+        run = _read_json(paths.state)
+        if done is not None and "error" not in done:
+            return status("exited", run, done)
+        if run is None:
+            return status("created")
+        if self._running(run):
+            return status("running", run)
+        # The shim is gone: it writes exit.json before exiting, so look once more.
+        done = _read_json(paths.exit)
+        if done is None:
+            # Killed shim or reboot: the exit code is lost; record that once.
+            done = {"exit_code": None, "finished_at": utc_now(), "lost": True}
+            write_json_atomic(paths.exit, done)
+        return status("exited", run, done)
+
+    @staticmethod
+    def _running(state: dict[str, Any]) -> bool:
+        if state.get("boot_id") != _proc.boot_id():
+            return False
+        if _proc.alive(state.get("shim_pid"), state.get("shim_start")):
+            return True
+        # Shim killed: the command may still run (no bubblewrap to take it down).
+        return _proc.alive(state.get("pid"), state.get("pid_start"))
+
+    def inspect(self, berth_id: str) -> SandboxStatus:
+        paths = self._paths(berth_id)
+        return self._status(berth_id, paths, self._spec(paths, berth_id))
+
+    def list_managed(self, node_id: str) -> list[SandboxStatus]:
+        found: list[SandboxStatus] = []
+        try:
+            entries = sorted(os.listdir(self._root))
+        except OSError as exc:
+            raise RuntimeUnavailable(f"cannot read {self._root}: {exc}") from None
+        for entry in entries:
+            if entry.startswith(".") or not _ID_RE.match(entry):
+                continue
+            paths = _Paths(os.path.join(self._root, entry))
+            spec = _read_json(paths.spec)
+            if spec is None or spec.get("node_id") != node_id:
+                continue
+            with contextlib.suppress(SandboxNotFound, FileNotFoundError):
+                found.append(self._status(entry, paths, spec))
+        return found
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def create(self, spec: ContainerSpec) -> SandboxStatus:
+        if spec.image not in (HOST_IMAGE, f"{HOST_IMAGE}:latest"):
+            raise ImageMissing(
+                f"the local runtime only runs the {HOST_IMAGE!r} image (the host's own "
+                f"filesystem, read-only), not {spec.image!r}"
+            )
+        if not _ID_RE.match(spec.berth_id):
+            raise RuntimeFailure(f"invalid container id {spec.berth_id!r}")
+        paths = self._paths(spec.berth_id)
+        self._validate(spec)
+        with self._lock(spec.berth_id):
+            try:
+                os.mkdir(paths.root, 0o711)
+            except FileExistsError:
+                existing = _read_json(paths.spec)
+                if existing is not None and existing.get("node_id") == spec.node_id:
+                    return self._status(spec.berth_id, paths, existing)  # a retried create
+                raise RuntimeFailure(f"container {spec.berth_id} already exists") from None
+            try:
+                return self._create_in(paths, spec)
+            except BaseException:
+                shutil.rmtree(paths.root, ignore_errors=True)
+                raise
+
+    def _validate(self, spec: ContainerSpec) -> None:
+        for mount in spec.mounts:
+            if self._bwrap is None:
+                raise RuntimeFailure(
+                    "mounts need bubblewrap; this local runtime has isolation none"
+                )
+            target = mount.container_path
+            if not target.startswith("/") or ".." in target.split("/"):
+                raise RuntimeFailure(f"mount target must be an absolute path: {target!r}")
+            if os.path.normpath(target) in ("/", "/proc", "/dev", "/workspace", "/tmp"):
+                raise RuntimeFailure(f"cannot mount over {target}")
+            if mount.mode not in ("ro", "rw"):
+                raise RuntimeFailure(f"mount mode must be 'ro' or 'rw', not {mount.mode!r}")
+            if not os.path.exists(mount.host_path):
+                raise RuntimeFailure(f"mount source {mount.host_path!r} does not exist")
+        for port in spec.ports:
+            if not spec.network:
+                raise RuntimeFailure("ports need network access (network is off)")
+            if port.host_port is not None and port.host_port != port.container_port:
+                raise RuntimeFailure(
+                    "the local runtime cannot remap ports: the process listens on the host's "
+                    f"network directly (asked {port.container_port} -> {port.host_port})"
+                )
+        if spec.limits.cpus:
+            log.warning(
+                "local runtime: cpu limit %s for %s is not enforced",
+                spec.limits.cpus,
+                spec.berth_id,
+            )
+        if spec.limits.pids and not self._as_root:
+            log.warning(
+                "local runtime: pids limit for %s not enforced (needs per-container uids, "
+                "i.e. the daemon running as root)",
+                spec.berth_id,
+            )
+        if (spec.limits.memory_mb or (spec.limits.pids and self._as_root)) and not self._prlimit:
+            raise RuntimeFailure("resource limits need `prlimit` (util-linux), not found")
+
+    def _create_in(self, paths: _Paths, spec: ContainerSpec) -> SandboxStatus:
+        uid = self._allocate_uid(spec.berth_id) if self._as_root else None
+        record = dataclasses.asdict(spec)
+        record.update(
+            command=list(spec.command),
+            mounts=[dataclasses.asdict(m) for m in spec.mounts],
+            ports=[dataclasses.asdict(p) for p in spec.ports],
+            uid=uid,
+            created_at=utc_now(),
+        )
+        try:
+            for directory in (paths.workspace, paths.tmp):
+                os.mkdir(directory, 0o700)
+                if uid is not None:
+                    os.chown(directory, uid, uid)
+            workdir = spec.workdir
+            if workdir:
+                host = self._host_path(paths, workdir)
+                if host.startswith(paths.root + "/"):
+                    self._makedirs_owned(host, paths, uid)
+                elif not os.path.isdir(host):
+                    raise RuntimeFailure(f"working directory {workdir!r} does not exist")
+            write_json_atomic(paths.spec, record)
+        except BaseException:
+            self._release_uid(uid)
+            raise
+        return self._status(spec.berth_id, paths, record)
+
+    @staticmethod
+    def _makedirs_owned(host: str, paths: _Paths, uid: int | None) -> None:
+        """mkdir -p below the container's own dirs (nothing runs there yet)."""
+        missing: list[str] = []
+        current = host
+        while not os.path.isdir(current) and current.startswith(paths.root + "/"):
+            missing.append(current)
+            current = os.path.dirname(current)
+        for directory in reversed(missing):
+            os.mkdir(directory, 0o755)
+            if uid is not None:
+                os.chown(directory, uid, uid)
+
+    def start(self, berth_id: str) -> SandboxStatus:
+        paths = self._paths(berth_id)
+        with self._lock(berth_id):
+            spec = self._spec(paths, berth_id)
+            status = self._status(berth_id, paths, spec)
+            if status.state == "running":
+                return status
+            command = list(spec.get("command") or ())
+            env = self._env(spec, paths, {})
+            if not command:
+                raise RuntimeFailure("no command to run (the host image has no default)")
+            if not self._resolve_command(paths, command, env):
+                raise RuntimeFailure(f"executable {command[0]!r} not found in the container")
+            argv, cwd = self._launch(spec, paths, command, None)
+            for stale in (paths.state, paths.exit):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(stale)
+            uid = spec.get("uid")
+            write_json_atomic(
+                paths.launch,
+                {
+                    "argv": argv,
+                    "env": env,
+                    "cwd": cwd,
+                    "user": uid,
+                    "group": uid,
+                    "log": paths.log,
+                    "sandboxed": self._bwrap is not None,
+                },
+            )
+            shim = self._spawn_shim(paths)
+            self._wait_started(berth_id, paths, shim)
+            return self._status(berth_id, paths, spec)
+
+    def _spawn_shim(self, paths: _Paths) -> subprocess.Popen[bytes]:
+        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(berthd.__file__)))
+        with open(paths.shim_log, "ab") as shim_log:
+            os.chmod(paths.shim_log, 0o600)
+            shim = subprocess.Popen(
+                # -P: no script dir on sys.path; -S: no site (fast, nothing needed from it).
+                [sys.executable, "-P", "-S", "-m", "berthd.runtime._shim", paths.root],
+                stdin=subprocess.DEVNULL,
+                stdout=shim_log,
+                stderr=shim_log,
+                cwd=paths.root,
+                env={"PATH": DEFAULT_PATH, "PYTHONPATH": package_parent, "LANG": "C.UTF-8"},
+                start_new_session=True,
+                close_fds=True,
+            )
+
+        def reap() -> None:
+            shim.wait()  # no zombie shims; and an exit is news for the watcher now
+            self._wake.set()
+
+        threading.Thread(target=reap, name=f"shim-reaper-{shim.pid}", daemon=True).start()
+        return shim
+
+    def _wait_started(self, berth_id: str, paths: _Paths, shim: subprocess.Popen[bytes]) -> None:
+        deadline = time.monotonic() + _START_TIMEOUT
+        while time.monotonic() < deadline:
+            if os.path.exists(paths.state):
+                return
+            done = _read_json(paths.exit)
+            if done is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(paths.exit)  # failed to start: still "created"
+                raise RuntimeFailure(done.get("error") or "the container failed to start")
+            if shim.poll() is not None and not os.path.exists(paths.state):
+                raise RuntimeFailure(f"container shim failed: {self._tail(paths.shim_log)}")
+            time.sleep(0.005)
+        raise RuntimeFailure(f"container {berth_id} did not start within {_START_TIMEOUT:.0f} s")
+
+    @staticmethod
+    def _tail(path: str, size: int = 2000) -> str:
+        try:
+            with open(path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - size))
+                return f.read().decode(errors="replace").strip() or "(no output)"
+        except OSError:
+            return "(no log)"
+
+    def _track_exec(
+        self, berth_id: str, process: subprocess.Popen[bytes]
+    ) -> subprocess.Popen[bytes]:
+        with self._locks_guard:
+            live = {p for p in self._execs.get(berth_id, set()) if p.returncode is None}
+            live.add(process)
+            self._execs[berth_id] = live
+        return process
+
+    def _kill_execs(self, berth_id: str) -> None:
+        """End the container's execs along with it, as Docker does."""
+        with self._locks_guard:
+            execs = self._execs.pop(berth_id, set())
+        for process in execs:
+            if process.returncode is None and _proc.alive(process.pid, None):
+                _proc.kill_tree(process.pid)
+
+    def _signal_main(self, paths: _Paths, sig: int) -> bool:
+        """Signal the main process tree; False if it is not running."""
+        state = _read_json(paths.state)
+        if state is None or state.get("boot_id") != _proc.boot_id():
+            return False
+        pid = state.get("pid")
+        if not isinstance(pid, int) or not _proc.alive(pid, state.get("pid_start")):
+            return False
+        if state.get("sandboxed"):
+            _signal_sandbox(pid, sig)
+        else:
+            _proc.signal_tree(pid, sig)
+        return True
+
+    def _wait_exited(
+        self, berth_id: str, paths: _Paths, spec: dict[str, Any], timeout: float
+    ) -> SandboxStatus:
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self._status(berth_id, paths, spec)
+            if status.state != "running" or time.monotonic() >= deadline:
+                return status
+            time.sleep(0.02)
+
+    def stop(self, berth_id: str, timeout: float = 10.0) -> SandboxStatus:
+        paths = self._paths(berth_id)
+        spec = self._spec(paths, berth_id)
+        status = self._status(berth_id, paths, spec)
+        if status.state != "running":
+            return status
+        self._signal_main(paths, _signal.SIGTERM)
+        status = self._wait_exited(berth_id, paths, spec, max(0.0, timeout))
+        if status.state == "running":
+            self._signal_main(paths, _signal.SIGKILL)
+            status = self._wait_exited(berth_id, paths, spec, _KILL_WAIT)
+        if status.state != "running":
+            self._kill_execs(berth_id)
+        return status
+
+    def kill(self, berth_id: str, signal: str = "KILL") -> SandboxStatus:
+        number = signal_number(signal)
+        paths = self._paths(berth_id)
+        spec = self._spec(paths, berth_id)
+        status = self._status(berth_id, paths, spec)
+        if status.state != "running":
+            return status
+        self._signal_main(paths, number)
+        if number == _signal.SIGKILL:
+            status = self._wait_exited(berth_id, paths, spec, _KILL_WAIT)
+        else:
+            status = self._status(berth_id, paths, spec)
+        if status.state != "running":
+            self._kill_execs(berth_id)
+        return status
+
+    def remove(self, berth_id: str, force: bool = False) -> None:
+        paths = self._paths(berth_id)
+        with self._lock(berth_id):
+            spec = self._spec(paths, berth_id)
+            status = self._status(berth_id, paths, spec)
+            if status.state == "running":
+                if not force:
+                    raise RuntimeFailure(
+                        f"container {berth_id} is running; stop it first or remove with force"
+                    )
+                self._signal_main(paths, _signal.SIGKILL)
+                if self._wait_exited(berth_id, paths, spec, _KILL_WAIT).state == "running":
+                    raise RuntimeFailure(f"container {berth_id} did not die; not removed")
+            self._kill_execs(berth_id)
+            # Make it vanish atomically for readers, then delete at leisure.
+            grave = os.path.join(
+                self._root, f".removed-{berth_id}-{os.getpid()}-{time.monotonic_ns()}"
+            )
+            try:
+                os.rename(paths.root, grave)
+            except FileNotFoundError:
+                raise SandboxNotFound(f"no container {berth_id} in the local runtime") from None
+            shutil.rmtree(grave, ignore_errors=True)
+            self._release_uid(spec.get("uid"))
+        with self._locks_guard:
+            self._locks.pop(berth_id, None)
+
+    # ------------------------------------------------------------------ exec
+
+    def _exec_spawner(self, berth_id: str, spec_: ExecSpec) -> tuple[Spawner, bool]:
+        paths = self._paths(berth_id)
+        spec = self._spec(paths, berth_id)
+        if self._status(berth_id, paths, spec).state != "running":
+            raise RuntimeFailure(f"container {berth_id} is not running")
+        command = list(spec_.command)
+        if not command:
+            raise RuntimeFailure("exec needs a command")
+        env = self._env(spec, paths, dict(spec_.env))
+        argv, cwd = self._launch(spec, paths, command, spec_.workdir)
+        if self._bwrap is None and not os.path.isdir(cwd):
+            raise RuntimeFailure(f"working directory {spec_.workdir!r} does not exist")
+        sandboxed = self._bwrap is not None
+        uid = spec.get("uid")
+
+        def signal_tree(pid: int, sig: int) -> None:
+            if sandboxed:
+                _signal_sandbox(pid, sig)
+            else:
+                _proc.signal_tree(pid, sig)
+
+        def after_exit(pid: int) -> None:
+            # The pid is an unreaped zombie here, so its group id is still ours.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, _signal.SIGKILL)
+
+        spawner = Spawner(
+            argv,
+            env=env,
+            cwd=cwd,
+            user=uid,
+            group=uid,
+            kill_tree=_proc.kill_tree,
+            signal_tree=signal_tree,
+            after_exit=after_exit,
+            display_name=command[0],
+            launcher=lambda spawn: self._track_exec(berth_id, self._spawner.submit(spawn).result()),
+        )
+        return spawner, self._resolve_command(paths, command, env)
+
+    def exec(self, berth_id: str, spec: ExecSpec) -> ExecResult:
+        spawner, found = self._exec_spawner(berth_id, spec)
+        if not found:
+            return ExecResult(
+                exit_code=127,
+                stdout=b"",
+                stderr=f"{spec.command[0]}: command not found\n".encode(),
+                duration_ms=0.0,
+            )
+        return run_to_completion(
+            spawner, stdin=spec.stdin, timeout=spec.timeout, output_cap=spec.output_cap
+        )
+
+    def exec_stream(self, berth_id: str, spec: ExecSpec, tty: bool = False) -> ExecStream:
+        spawner, found = self._exec_spawner(berth_id, spec)
+        if not found:
+            raise RuntimeFailure(f"executable {spec.command[0]!r} not found in the container")
+        stream = ProcessExecStream(spawner, tty=tty, timeout=spec.timeout)
+        if spec.stdin:
+            stream.write_stdin(spec.stdin)
+        return stream
+
+    # ------------------------------------------------------------------ logs and files
+
+    def logs(self, berth_id: str, tail: int | None = None) -> bytes:
+        paths = self._paths(berth_id)
+        self._spec(paths, berth_id)
+        try:
+            with open(paths.log, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return b""
+        if tail is None:
+            return data
+        if tail <= 0:
+            return b""
+        lines = data.splitlines(keepends=True)
+        return b"".join(lines[-tail:])
+
+    def follow_logs(self, berth_id: str) -> Iterator[bytes]:
+        paths = self._paths(berth_id)
+        spec = self._spec(paths, berth_id)
+
+        def follow() -> Iterator[bytes]:
+            position = 0
+            while True:
+                # Decide "finished" before reading, so the last output is never skipped.
+                finished = self._status(berth_id, paths, spec).state != "running"
+                try:
+                    with open(paths.log, "rb") as f:
+                        f.seek(position)
+                        chunk = f.read()
+                except FileNotFoundError:
+                    chunk = b""
+                if chunk:
+                    position += len(chunk)
+                    yield chunk
+                    continue
+                if finished or not os.path.isdir(paths.root):
+                    return
+                time.sleep(0.1)
+
+        return follow()
+
+    def _file_roots(self, berth_id: str) -> tuple[dict[str, str], tuple[int, int] | None]:
+        paths = self._paths(berth_id)
+        spec = self._spec(paths, berth_id)
+        return {"workspace": paths.workspace, "tmp": paths.tmp}, self._owner(spec)
+
+    def put_file(self, berth_id: str, path: str, data: bytes) -> None:
+        roots, owner = self._file_roots(berth_id)
+        base, parts = _files.split_container_path(path, roots)
+        _files.write_file(base, parts, data, path, owner)
+
+    def get_file(self, berth_id: str, path: str) -> bytes:
+        roots, _ = self._file_roots(berth_id)
+        base, parts = _files.split_container_path(path, roots)
+        return _files.read_file(base, parts, path)
+
+    # ------------------------------------------------------------------ images
+
+    def _host_image(self) -> ImageInfo:
+        booted = datetime.fromtimestamp(time.time() - time.monotonic(), UTC)
+        with contextlib.suppress(OSError, ValueError), open("/proc/stat") as f:
+            for line in f:
+                if line.startswith("btime "):
+                    booted = datetime.fromtimestamp(int(line.split()[1]), UTC)
+        return ImageInfo(
+            id=HOST_IMAGE, tags=(HOST_IMAGE,), size=0, created=format_time(booted), runtime="local"
+        )
+
+    def images(self) -> list[ImageInfo]:
+        return [self._host_image()]
+
+    def pull(
+        self, ref: str, progress: Callable[[dict[str, object]], None] | None = None
+    ) -> ImageInfo:
+        if ref not in (HOST_IMAGE, f"{HOST_IMAGE}:latest"):
+            raise ImageMissing(
+                f"the local runtime cannot pull {ref!r}: it only runs the {HOST_IMAGE!r} image"
+            )
+        if progress is not None:
+            progress({"status": "host image is always present", "id": HOST_IMAGE})
+        return self._host_image()
+
+    def remove_image(self, ref: str, force: bool = False) -> None:
+        if ref in (HOST_IMAGE, f"{HOST_IMAGE}:latest"):
+            raise RuntimeFailure("the host image cannot be removed")
+        raise ImageMissing(f"no image {ref!r} in the local runtime (it only has {HOST_IMAGE!r})")
+
+    # ------------------------------------------------------------------ watch
+
+    def watch(self, on_exit: Callable[[ExitNotice], None]) -> None:
+        self._on_exit = on_exit
+        if self._watch_thread is not None:
+            return
+        tracker = ExitTracker()
+        self._watch_thread = threading.Thread(
+            target=self._watch_loop,
+            args=(tracker,),
+            name=f"local-watch-{self.node_id}",
+            daemon=True,
+        )
+        self._watch_thread.start()
+
+    def _watch_loop(self, tracker: ExitTracker) -> None:
+        while not self._closed.is_set():
+            try:
+                statuses = self.list_managed(self.node_id)
+            except Exception:  # keep watching whatever happens; next round may work
+                log.exception("local runtime: watch poll failed")
+                statuses = None
+            if statuses is not None:
+                present = {s.berth_id for s in statuses}
+                notices = [tracker.observe(s) for s in statuses]
+                notices += [tracker.vanished(b) for b in tracker.running_ids() - present]
+                tracker.prune(present)
+                for notice in notices:
+                    if notice is not None:
+                        self._deliver(notice)
+            self._wake.wait(self._poll_interval)
+            self._wake.clear()
+
+    def _deliver(self, notice: ExitNotice) -> None:
+        callback = self._on_exit
+        if callback is None:
+            return
+        try:
+            callback(notice)
+        except Exception:  # a broken callback must not stop the watcher
+            log.exception("local runtime: on_exit callback failed for %s", notice.berth_id)
+
+    def close(self) -> None:
+        """Stop watching and spawning. Containers keep running: they belong to their shims."""
+        self._closed.set()
+        self._wake.set()
+        if self._watch_thread is not None:
+            self._watch_thread.join(timeout=5)
+            self._watch_thread = None
+        # Ends the spawner thread: sandboxed execs still running die with it.
+        self._spawner.shutdown(wait=False)
