@@ -27,7 +27,7 @@ log() { printf 'test-images: %s\n' "$*" >&2; }
 need_pkgs=()
 command -v docker >/dev/null 2>&1 || need_pkgs+=(docker.io)
 dpkg -s busybox-static >/dev/null 2>&1 || need_pkgs+=(busybox-static)
-command -v python3.11 >/dev/null 2>&1 || need_pkgs+=(python3.11)
+[ -x /usr/bin/python3.11 ] || need_pkgs+=(python3.11)
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
     log "installing ${need_pkgs[*]}"
     export DEBIAN_FRONTEND=noninteractive

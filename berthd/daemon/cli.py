@@ -12,8 +12,8 @@ from collections.abc import Mapping, Sequence
 
 import berthd
 from berthd.daemon.config import Config, ConfigError, load_config
-from berthd.events.store import EventStore
 from berthd.daemon.lifecycle import Daemon, DaemonError, store_url
+from berthd.events.store import EventStore
 
 __all__ = ["main"]
 
