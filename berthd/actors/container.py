@@ -18,7 +18,7 @@ from typing import Any
 
 import pykka
 
-from berthd.actors.context import SYSTEM, Clock, CommandContext, Reply, rfc3339
+from berthd.actors.context import SYSTEM, Clock, CommandContext, Reply, new_id, rfc3339
 from berthd.domain import container as c
 from berthd.domain.base import Command, Event
 from berthd.domain.errors import (
@@ -249,7 +249,8 @@ class ContainerActor(pykka.ThreadingActor):
     def _handle(self, command: Command, ctx: CommandContext, future: Future[Reply], extra: dict[str, Any]) -> None:
         s = self.state
         now = rfc3339(self.clock())
-        events = c.decide(s, command, now=now, new_id=extra.get("new_id", self.stream_id),
+        fresh_id = extra.get("new_id") or (new_id() if isinstance(command, c.ExecInContainer) else self.stream_id)
+        events = c.decide(s, command, now=now, new_id=fresh_id,
                           owner=ctx.owner, runtime=extra.get("runtime", ""), name=extra.get("name", ""))
         if isinstance(command, c.CreateContainer):
             self._append(events, ctx)

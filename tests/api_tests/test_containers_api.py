@@ -40,6 +40,7 @@ def test_lifecycle_exec_files_logs(daemon_and_image: tuple[DaemonProcess, str]) 
     out = r.json()
     assert (out["exit_code"], out["stdout"], out["stderr"]) == (3, "hi\n", "oops\n")
     assert set(out) >= {"exec_id", "duration_ms", "truncated", "timed_out"}
+    assert out["exec_id"] != view["id"]
 
     r = d.post(f"/v1/containers/{name}/exec", {"command": ["cat"], "stdin": "piped"})
     assert r.json()["stdout"] == "piped"
