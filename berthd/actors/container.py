@@ -33,7 +33,7 @@ from berthd.events.store import ConcurrencyConflict, EventStore
 from berthd.events.store import StoreUnavailable as StoreDown
 from berthd.runtime import base as rt
 
-__all__ = ["ContainerActor", "ExecOutcome", "map_runtime_error"]
+__all__ = ["ContainerActor", "ExecOutcome", "Retired", "map_runtime_error"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,10 @@ def map_runtime_error(exc: BaseException) -> BerthdError:
     return RuntimeFailed(f"{type(exc).__name__}: {exc}")
 
 
+class Retired(Exception):
+    """The actor was passivated; the caller activates the entity again and retries."""
+
+
 @dataclass(frozen=True, slots=True)
 class ExecOutcome:
     exec_id: str
@@ -69,6 +73,7 @@ class _Done:
     future: Future[Reply] | None
     ctx: CommandContext
     result_of: Callable[[Any], Any] | None = None
+    missing_ok: bool = False  # SandboxNotFound is this operation's own outcome (stop, kill, remove)
 
 
 @dataclass(slots=True)
@@ -92,7 +97,7 @@ class ContainerActor(pykka.ThreadingActor):
         workers: Executor,
         clock: Clock,
         node_id: str,
-        on_final: Callable[[str], None] | None = None,
+        position: int = 0,
     ) -> None:
         super().__init__()
         self.stream_id = stream_id
@@ -102,10 +107,10 @@ class ContainerActor(pykka.ThreadingActor):
         self.workers = workers
         self.clock = clock
         self.node_id = node_id
-        self.on_final = on_final
         self.in_flight = 0
-        self.last_position = 0
+        self.last_position = position
         self.last_used = time.monotonic()
+        self.retired = False  # passivated: every later message must go to a new activation
 
     # ------------------------------------------------------------------ asked by others
 
@@ -116,9 +121,22 @@ class ContainerActor(pykka.ThreadingActor):
         s = self.state
         return self.in_flight == 0 and (s is None or (s.pending is None and s.execs_running == 0))
 
+    def passivate(self, idle_for: float) -> bool:
+        """Stop if idle for ``idle_for`` seconds. Decided here, on the mailbox, so no
+        command can slip in between the check and the stop; later ones get ``Retired``."""
+        if self.retired:
+            return True
+        if not self.is_idle() or time.monotonic() - self.last_used < idle_for:
+            return False
+        self.retired = True
+        self.stop()
+        return True
+
     def handle(self, command: Command, ctx: CommandContext, **extra: Any) -> Future[Reply]:
         """Decide, append the intent, start the side effect; the future completes with
         the outcome. Refusals complete it with the ``BerthdError`` at once."""
+        if self.retired:
+            raise Retired(self.stream_id)
         self.last_used = time.monotonic()
         future: Future[Reply] = Future()
         try:
@@ -130,6 +148,8 @@ class ContainerActor(pykka.ThreadingActor):
 
     def observe(self) -> None:
         """Look at the runtime and record what changed (an exit, a vanished container)."""
+        if self.retired:
+            raise Retired(self.stream_id)
         s = self.state
         if s is None or s.status in c.FINAL or s.status == "creating":
             return
@@ -140,6 +160,8 @@ class ContainerActor(pykka.ThreadingActor):
 
     def reconcile(self) -> Future[Reply]:
         """Boot-time check: finish what a crash left half-done, record what changed."""
+        if self.retired:
+            raise Retired(self.stream_id)
         future: Future[Reply] = Future()
         s = self.state
         try:
@@ -189,8 +211,6 @@ class ContainerActor(pykka.ThreadingActor):
             state = c.evolve(state, event)
         self.state = state
         self.last_position = recs[-1].position
-        if state is not None and state.status in c.FINAL and state.pending is None and self.on_final:
-            self.on_final(self.stream_id)
         return self.last_position
 
     def _run(
@@ -200,6 +220,7 @@ class ContainerActor(pykka.ThreadingActor):
         future: Future[Reply] | None,
         ctx: CommandContext,
         result_of: Callable[[Any], Any] | None = None,
+        missing_ok: bool = False,
     ) -> None:
         """Run ``call`` on a worker; its outcome comes back as a message."""
         self.in_flight += 1
@@ -211,7 +232,7 @@ class ContainerActor(pykka.ThreadingActor):
             except BaseException as exc:
                 value, error = None, exc
             try:
-                ref.tell(_Done(value, error, then, future, ctx, result_of))
+                ref.tell(_Done(value, error, then, future, ctx, result_of, missing_ok))
             except pykka.ActorDeadError:
                 if future is not None and not future.done():
                     future.set_exception(Conflict("the container's actor stopped; retry"))
@@ -220,8 +241,11 @@ class ContainerActor(pykka.ThreadingActor):
 
     def _finish(self, done: _Done) -> None:
         self.in_flight -= 1
+        vanished = isinstance(done.error, rt.SandboxNotFound) and not done.missing_ok
         try:
             events = done.then(done.value, done.error)
+            if vanished and self.state is not None and self.state.status not in c.FINAL:
+                events = [*events, c.ContainerLost(reason=f"vanished from the runtime: {done.error}")]
             position = self._append(events, done.ctx)
         except BaseException as exc:
             if done.future is not None and not done.future.done():
@@ -229,7 +253,13 @@ class ContainerActor(pykka.ThreadingActor):
             return
         if done.future is None or done.future.done():
             return
-        if done.error is not None and not _benign(done.error):
+        if vanished:
+            done.future.set_exception(Conflict(
+                f"container {self.stream_id} vanished from the runtime; it is now 'lost'",
+                id=self.stream_id, status="lost"))
+            return
+        if done.error is not None and not isinstance(done.error, rt.SandboxNotFound) \
+                and not self._reached(done):
             # the failure is recorded; the caller gets the error
             done.future.set_exception(map_runtime_error(done.error))
             return
@@ -237,6 +267,10 @@ class ContainerActor(pykka.ThreadingActor):
         if self._chain_start(done, position):
             return
         done.future.set_result(Reply(position, self.state, result))
+
+    def _reached(self, done: _Done) -> bool:
+        """A stop that failed because the process had already ended did what was asked."""
+        return done.then == self._after_stop and self.state is not None and self.state.status == "exited"
 
     def _chain_start(self, done: _Done, position: int) -> bool:
         """After a create with ``start: true``, go on with the start in the same request."""
@@ -263,7 +297,8 @@ class ContainerActor(pykka.ThreadingActor):
             self._append(events, ctx)
             runtime = self._runtime()
             timeout = command.timeout
-            self._run(lambda: runtime.stop(self.stream_id, timeout), self._after_stop, future, ctx)
+            self._run(lambda: runtime.stop(self.stream_id, timeout), self._after_stop, future, ctx,
+                      missing_ok=True)
         elif isinstance(command, c.RestartContainer):
             was = self.state.status if self.state else "exited"
             self._append(events, ctx)
@@ -275,14 +310,15 @@ class ContainerActor(pykka.ThreadingActor):
             self._append(events, ctx)
             runtime = self._runtime()
             signal = command.signal
-            self._run(lambda: _kill(runtime, self.stream_id, signal), self._after_kill, future, ctx)
+            self._run(lambda: _kill(runtime, self.stream_id, signal), self._after_kill, future, ctx,
+                      missing_ok=True)
         elif isinstance(command, c.RemoveContainer):
             was = self.state.status if self.state else "exited"
             self._append(events, ctx)
             runtime = self._runtime()
             force = command.force
             self._run(lambda: runtime.remove(self.stream_id, force=force), self._after_remove(was),
-                      future, ctx)
+                      future, ctx, missing_ok=True)
         elif isinstance(command, c.ExecInContainer):
             self._append(events, ctx)
             runtime = self._runtime()
@@ -324,6 +360,11 @@ class ContainerActor(pykka.ThreadingActor):
         self._append(events or [c.ContainerStartRequested()], ctx)
         runtime = self._runtime()
         self._run(lambda: runtime.start(self.stream_id), self._after_start(was), future, ctx)
+
+    def _recheck_soon(self) -> None:
+        runtime = self.runtimes.get(self.state.runtime) if self.state else None
+        if runtime is not None:
+            self._submit_observe(runtime)
 
     def _submit_observe(self, runtime: rt.Runtime) -> None:
         ref = self.actor_ref
@@ -384,6 +425,8 @@ class ContainerActor(pykka.ThreadingActor):
                                                    code=mapped.code, status=was)]
             started = (status.started_at if status else None) or rfc3339(self.clock())
             events: list[Event] = [c.ContainerStarted(started_at=started)]
+            # an exit seen while the start was pending was set aside: look again once started
+            self._recheck_soon()
             if status is not None and status.state == "exited":
                 # it already ran to its end: record that too
                 events.append(c.ContainerExited(exit_code=status.exit_code, finished_at=status.finished_at))
@@ -419,6 +462,7 @@ class ContainerActor(pykka.ThreadingActor):
                 events.append(c.ContainerExited(exit_code=stopped.exit_code,
                                                 finished_at=stopped.finished_at, reason="restart"))
             events.append(c.ContainerStarted(started_at=started.started_at or rfc3339(self.clock())))
+            self._recheck_soon()
             return events
 
         return then
@@ -429,7 +473,9 @@ class ContainerActor(pykka.ThreadingActor):
         if err is not None:
             if isinstance(err, rt.SandboxNotFound):
                 return [c.ContainerLost()]
-            return []  # the caller gets the error; the state did not change
+            mapped = map_runtime_error(err)
+            return [c.ContainerOperationFailed(operation="kill", reason=mapped.message, code=mapped.code,
+                                               status=s.status)]
         if status is not None and status.state == "exited":
             return c.observe_exit(s, status.exit_code, status.finished_at or rfc3339(self.clock()))
         return []
@@ -468,12 +514,6 @@ def _as_error(exc: BaseException) -> BaseException:
     if isinstance(exc, StoreDown):
         return StoreUnavailable(f"the event log cannot be written: {exc}")
     return exc
-
-
-def _benign(err: BaseException) -> bool:
-    """Errors that the outcome already turned into the right state (e.g. remove of a
-    container the runtime no longer has)."""
-    return isinstance(err, rt.SandboxNotFound)
 
 
 def _inspect_or_none(runtime: rt.Runtime, berth_id: str) -> rt.SandboxStatus | None:

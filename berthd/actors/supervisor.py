@@ -17,7 +17,7 @@ from typing import Any
 
 import pykka
 
-from berthd.actors.container import ContainerActor
+from berthd.actors.container import ContainerActor, Retired
 from berthd.actors.context import SYSTEM, Clock, CommandContext, Reply, new_id
 from berthd.domain import container as c
 from berthd.domain.base import Event
@@ -84,7 +84,8 @@ class Supervisor:
         self.ask_timeout = ask_timeout
         self._actors: dict[str, pykka.ActorRef[ContainerActor]] = {}
         self._reserved_names: dict[str, tuple[str, float]] = {}
-        self._lock = threading.RLock()
+        self._names_lock = threading.Lock()  # never held while anything else is taken
+        self._lock = threading.RLock()  # the registry; never held across an ask
         self._stop = threading.Event()
         self._janitor: threading.Thread | None = None
         self.activations = 0
@@ -129,7 +130,7 @@ class Supervisor:
                 field="runtime")
         berth_id = new_id()
         name = command.name or f"berth-{berth_id}"
-        with self._lock:
+        with self._names_lock:
             now = time.monotonic()
             reserved = self._reserved_names.get(name)
             held = reserved is not None and now - reserved[1] < _NAME_HOLD and not self.is_known(reserved[0])
@@ -137,6 +138,7 @@ class Supervisor:
                 raise Conflict(f"the name '{name}' is taken; choose another or remove that container",
                                field="name", name=name)
             self._reserved_names[name] = (berth_id, now)
+        with self._lock:
             ref = self._spawn(berth_id, None)
         future: Future[Reply] = self._ask(ref, "handle", command, ctx, new_id=berth_id, runtime=runtime,
                                           name=name, network=network, output_cap=output_cap)
@@ -145,12 +147,12 @@ class Supervisor:
 
     def container_command(self, berth_id: str, command: Any, ctx: CommandContext, **extra: Any) -> Future[Reply]:
         """Send ``command`` to the container's actor, activating it if needed."""
-        for _ in range(3):
+        for _ in range(5):
             ref = self._get(berth_id)
             try:
                 return self._ask(ref, "handle", command, ctx, **extra)
-            except pykka.ActorDeadError:
-                continue  # passivated between lookup and ask: activate again
+            except (pykka.ActorDeadError, Retired):
+                self._forget(berth_id, ref)  # passivated between lookup and ask: activate again
         raise Conflict(f"container {berth_id} is busy restarting its actor; retry")
 
     def container_state(self, berth_id: str) -> c.ContainerState | None:
@@ -161,17 +163,34 @@ class Supervisor:
 
     # ------------------------------------------------------------------ boot
 
-    def reconcile(self, container_ids: Iterable[str], timeout: float = 60.0) -> dict[str, int]:
-        """Bring the log in line with the runtimes; report orphans. Returns counts."""
+    def reconcile(self, containers: Iterable[c.ContainerState], timeout: float = 60.0) -> dict[str, int]:
+        """Bring the log in line with the runtimes; report orphans. Returns counts.
+
+        One listing per runtime says what is there; only containers whose log and runtime
+        may disagree are activated (anything running or with an operation in flight, and
+        anything the runtime shows differently), so a boot does not wake every container.
+        """
+        managed: dict[str, dict[str, rt.SandboxStatus]] = {}
+        for name, runtime in self.runtimes.items():
+            try:
+                managed[name] = {s.berth_id: s for s in runtime.list_managed(self.node_id)}
+            except rt.RuntimeError_ as exc:
+                log.warning("reconcile: runtime %s unavailable: %s", name, exc)
         futures: list[Future[Reply]] = []
         checked = 0
-        for berth_id in container_ids:
+        for state in containers:
+            if state.status in c.FINAL or state.runtime not in managed:
+                continue
+            seen = managed[state.runtime].get(state.id)
+            if state.pending is None and state.status in ("exited", "created") and seen is not None \
+                    and seen.state == state.status:
+                continue  # nothing can have changed that the log does not know
             try:
-                ref = self._get(berth_id)
+                ref = self._get(state.id)
                 futures.append(ref.proxy().reconcile().get(timeout=self.ask_timeout))
                 checked += 1
             except Exception:
-                log.exception("reconcile: cannot activate container %s", berth_id)
+                log.exception("reconcile: cannot activate container %s", state.id)
         failed = 0
         for f in futures:
             try:
@@ -179,23 +198,18 @@ class Supervisor:
             except Exception as exc:
                 failed += 1
                 log.warning("reconcile: %s", exc)
-        orphans = self._report_orphans()
+        orphans = self._report_orphans(managed)
         return {"checked": checked, "failed": failed, "orphans": orphans}
 
-    def _report_orphans(self) -> int:
+    def _report_orphans(self, managed: dict[str, dict[str, rt.SandboxStatus]]) -> int:
         node_stream = f"node-{self.node_id}"
         known_orphans = {
             r.event.berth_id for r in self.store.read_stream(node_stream)
             if r.type == "OrphanContainerFound"
         }
         found = 0
-        for name, runtime in self.runtimes.items():
-            try:
-                managed = runtime.list_managed(self.node_id)
-            except rt.RuntimeError_ as exc:
-                log.warning("reconcile: runtime %s unavailable: %s", name, exc)
-                continue
-            for status in managed:
+        for name, statuses in managed.items():
+            for status in statuses.values():
                 if status.berth_id in known_orphans:
                     continue
                 if self.store.read_stream(status.berth_id):
@@ -220,7 +234,7 @@ class Supervisor:
     def _release_name(self, name: str, failed: bool) -> None:
         """A failed create frees its name at once; a successful one holds it until the
         projection surely has it (the read side may lag the write by a moment)."""
-        with self._lock:
+        with self._names_lock:
             if failed:
                 self._reserved_names.pop(name, None)
             for other, (_, at) in list(self._reserved_names.items()):
@@ -246,18 +260,28 @@ class Supervisor:
     def _spawn(self, berth_id: str, state: c.ContainerState | None, position: int = 0) -> pykka.ActorRef[ContainerActor]:
         ref = ContainerActor.start(
             berth_id, state, store=self.store, runtimes=self.runtimes, workers=self.workers,
-            clock=self.clock, node_id=self.node_id,
+            clock=self.clock, node_id=self.node_id, position=position,
         )
         self._actors[berth_id] = ref
         return ref
+
+    def _forget(self, berth_id: str, ref: pykka.ActorRef[ContainerActor]) -> None:
+        with self._lock:
+            if self._actors.get(berth_id) is ref:
+                del self._actors[berth_id]
 
     def _on_exit(self, notice: rt.ExitNotice) -> None:
         """Called on a runtime's watch thread: have the actor look and record the exit."""
         if self._stop.is_set():
             return
         try:
-            ref = self._get(notice.berth_id)
-            ref.proxy().observe()
+            for _ in range(5):
+                ref = self._get(notice.berth_id)
+                try:
+                    ref.proxy().observe().get(timeout=self.ask_timeout)
+                    return
+                except (pykka.ActorDeadError, Retired):
+                    self._forget(notice.berth_id, ref)
         except ContainerNotFound:
             pass  # not ours (an orphan): reported at boot
         except (pykka.ActorDeadError, RuntimeUnavailable, StoreUnavailable) as exc:
@@ -273,23 +297,22 @@ class Supervisor:
             except Exception:
                 log.exception("passivation")
 
-    def passivate_idle(self, now: float | None = None) -> int:
-        """Stop actors idle for longer than ``passivate_after``; returns how many."""
-        now = time.monotonic() if now is None else now
-        stopped = 0
+    def passivate_idle(self) -> int:
+        """Ask every actor to stop if it has been idle for ``passivate_after``; the actor
+        decides on its own mailbox. The registry lock is never held across the ask."""
         with self._lock:
-            for berth_id, ref in list(self._actors.items()):
-                try:
-                    actor = ref.proxy()
-                    idle = actor.is_idle().get(timeout=5)
-                    last = actor.last_used.get(timeout=5)
-                except (pykka.ActorDeadError, pykka.Timeout):
-                    self._actors.pop(berth_id, None)
-                    continue
-                if idle and now - last >= self.passivate_after:
-                    del self._actors[berth_id]
-                    ref.stop(block=False)
-                    stopped += 1
+            snapshot = list(self._actors.items())
+        stopped = 0
+        for berth_id, ref in snapshot:
+            try:
+                gone = ref.proxy().passivate(self.passivate_after).get(timeout=5)
+            except pykka.ActorDeadError:
+                gone = True
+            except pykka.Timeout:
+                continue  # busy: try again next round, never forget a live actor
+            if gone:
+                self._forget(berth_id, ref)
+                stopped += 1
         self.passivations += stopped
         return stopped
 

@@ -31,7 +31,6 @@ from berthd.actors import (
 )
 from berthd.daemon.config import Config, parse_listen
 from berthd.domain import EVENT_TYPES
-from berthd.domain import container as c
 from berthd.domain.node import ApiKeyCreated, NodeStarted, NodeStopped
 from berthd.events import open_store
 from berthd.events.projection import ProjectionRunner
@@ -115,8 +114,7 @@ class Daemon:
         )
         supervisor.start()
         self._push("supervisor", supervisor.stop)
-        live = [s.id for s in containers.all() if s.status not in c.FINAL and s.runtime in runtimes]
-        counts = supervisor.reconcile(live)
+        counts = supervisor.reconcile(containers.all())
         log.info("reconciled %d containers with the runtimes (%d failed, %d orphans reported)",
                  counts["checked"], counts["failed"], counts["orphans"])
 

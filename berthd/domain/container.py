@@ -60,14 +60,21 @@ __all__ = [
     "replay",
 ]
 
-NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+NAME_RE = r"^(?![0-9a-f]{12}$)[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+"""Names are unique per kind and never look like an id (12 hex), so an id or a name
+given to an endpoint always means one container."""
 Name = Annotated[str, msgspec.Meta(pattern=NAME_RE, max_length=63)]
-Argv = Annotated[list[Annotated[str, msgspec.Meta(max_length=65536)]], msgspec.Meta(max_length=4096)]
-AbsPath = Annotated[str, msgspec.Meta(pattern=r"^/", max_length=4096)]
+NoNul = Annotated[str, msgspec.Meta(pattern=r"^[^\x00]*$", max_length=65536)]
+Argv = Annotated[list[NoNul], msgspec.Meta(max_length=4096)]
+AbsPath = Annotated[str, msgspec.Meta(pattern=r"^/[^\x00]*$", max_length=4096)]
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 Seconds = Annotated[float, msgspec.Meta(ge=0, le=86400)]
-Signal = Annotated[str, msgspec.Meta(pattern=r"^(SIG)?[A-Z0-9]{2,8}$")]
-EnvMap = dict[Annotated[str, msgspec.Meta(pattern=r"^[^=\x00]+$", max_length=1024)], Annotated[str, msgspec.Meta(max_length=65536)]]
+Signal = Literal[
+    "HUP", "INT", "QUIT", "KILL", "USR1", "USR2", "TERM", "STOP", "CONT", "WINCH", "ALRM",
+    "SIGHUP", "SIGINT", "SIGQUIT", "SIGKILL", "SIGUSR1", "SIGUSR2", "SIGTERM", "SIGSTOP", "SIGCONT",
+    "SIGWINCH", "SIGALRM",
+]
+EnvMap = dict[Annotated[str, msgspec.Meta(pattern=r"^[^=\x00]+$", max_length=1024)], NoNul]
 LabelMap = dict[Annotated[str, msgspec.Meta(min_length=1, max_length=255)], Annotated[str, msgspec.Meta(max_length=4096)]]
 
 # ---------------------------------------------------------------------------- parts
@@ -129,7 +136,7 @@ class RemoveContainer(Command):
 
 
 class ExecInContainer(Command):
-    command: Annotated[list[Annotated[str, msgspec.Meta(max_length=65536)]], msgspec.Meta(min_length=1, max_length=4096)]
+    command: Annotated[list[NoNul], msgspec.Meta(min_length=1, max_length=4096)]
     env: EnvMap = {}
     workdir: AbsPath | None = None
     stdin: Annotated[str, msgspec.Meta(max_length=16 << 20)] | None = None
@@ -379,7 +386,7 @@ def _(e: ContainerExited, s: ContainerState) -> ContainerState:
 
 @_apply.register
 def _(e: ContainerOperationFailed, s: ContainerState) -> ContainerState:
-    return _r(s, status=e.status, pending=None, error=e.reason)
+    return _r(s, status=e.status, pending=None, error=e.reason, killing=False)
 
 
 @_apply.register

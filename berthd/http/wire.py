@@ -48,7 +48,8 @@ def decode_body(req: falcon.Request, kind: type[T], limit: int, empty_ok: bool =
     except msgspec.ValidationError as exc:
         text = str(exc)
         m = _PATH.search(text)
-        field = m.group("path").lstrip(".") if m else ""
+        # msgspec shows a bad dict value as `$.env[...]`: the field is `env`
+        field = m.group("path").lstrip(".").replace("[...]", "") if m else ""
         if not field and "missing required field" in text:
             field = text.split("`")[1] if "`" in text else ""
         if not field and "unknown field" in text.lower():

@@ -39,6 +39,9 @@ def test_health_needs_no_key_everything_else_does(local_daemon: DaemonProcess) -
     (b'{"image": "host", "name": "../etc"}', "name"),
     (b'{"image": "host", "mounts": [{"host_path": "relative", "container_path": "/x"}]}', "mounts[0].host_path"),
     (b'[]', "$"),
+    (b'{"image": "host", "command": ["a\\u0000b"]}', "command[0]"),
+    (b'{"image": "host", "env": {"K": "a\\u0000"}}', "env"),
+    (b'{"image": "host", "name": "0123456789ab"}', "name"),
     (b'', "$"),
 ])
 def test_bad_create_bodies_are_400_naming_the_field(local_daemon: DaemonProcess, body: bytes, field: str) -> None:
@@ -101,5 +104,26 @@ def test_body_too_large_is_413(local_daemon: DaemonProcess) -> None:
         r = requests.post(d.url("/v1/containers"), data=big, headers={**d.headers, "Content-Type": "application/json"},
                           timeout=60)
     except requests.ConnectionError:
-        return  # the server may close the connection once it has refused the body
+        # the server may close the connection once it has refused the body; it must live on
+        assert requests.get(d.url("/v1/health"), timeout=10).status_code == 200
+        return
     assert r.status_code == 413 and error_of(r)["code"] == "PAYLOAD_TOO_LARGE"
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/kill", {"signal": "FOO"}, "signal"),
+    ("/stop", {"timeout": -1}, "timeout"),
+    ("/exec", {"command": []}, "command"),
+    ("/exec", {"command": ["echo", "a\u0000"]}, "command[1]"),
+    ("/exec", {"command": ["true"], "workdir": "relative"}, "workdir"),
+])
+def test_bad_action_bodies_are_400_and_append_nothing(local_daemon: DaemonProcess, path: str, body: dict,
+                                                      field: str) -> None:
+    d = local_daemon
+    view = d.post("/v1/containers", {"image": "host", "command": ["sleep", "30"]}).json()
+    before = head(d)
+    r = d.post(f"/v1/containers/{view['id']}{path}", body)
+    assert r.status_code == 400, r.text
+    assert error_of(r)["details"]["field"] == field
+    assert head(d) == before
+    d.delete(f"/v1/containers/{view['id']}?force=true")

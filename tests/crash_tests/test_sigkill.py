@@ -25,6 +25,8 @@ CLIENTS = 8
 ROUNDS = 10
 INTENT = {"create": "ContainerCreateRequested", "start": "ContainerStartRequested",
           "exec": "ExecStarted", "stop": "ContainerStopRequested"}
+OUTCOME = {"create": "ContainerCreated", "start": "ContainerStarted", "exec": "ExecFinished",
+           "stop": "ContainerExited"}
 
 
 class Client(threading.Thread):
@@ -40,12 +42,15 @@ class Client(threading.Thread):
         corr = uuid.uuid4().hex
         if not self.up.wait(timeout=60):
             return None
+        proc = self.d.proc
         try:
             r = requests.request(method, self.d.url(path), json=body, timeout=30,
                                  headers={**self.d.headers, "X-Correlation-ID": corr})
-        except requests.RequestException:
+        except requests.RequestException as exc:
+            if proc is not None and proc.poll() is None and self.up.is_set() and proc is self.d.proc:
+                self.errors.append(f"{method} {path}: {type(exc).__name__} while the daemon was up")
             return None  # the daemon died under us: not acknowledged
-        if r.status_code >= 500 and r.status_code != 503:
+        if r.status_code >= 500:
             self.errors.append(f"{method} {path}: {r.status_code} {r.text[:200]}")
         if 200 <= r.status_code < 300:
             op = path.rsplit("/", 1)[-1] if method == "POST" and path != "/v1/containers" else "create"
@@ -110,23 +115,29 @@ def test_sigkill_under_concurrent_writers(tmp_path) -> None:  # type: ignore[no-
         try:
             view = ContainersView()
             by_corr: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+            streams: dict[str, list[str]] = collections.defaultdict(list)
+            intent_at: dict[str, tuple[str, int]] = {}
             position = 0
             while batch := store.read_all(after=position, limit=1000):
                 for rec in batch:
                     if rec.position <= head:
                         view.apply(rec)
+                    streams[rec.stream_id].append(rec.type)
                     if rec.meta.correlation_id:
                         by_corr[rec.meta.correlation_id][rec.type] += 1
+                        intent_at.setdefault(rec.meta.correlation_id, (rec.stream_id, rec.version))
                 position = batch[-1].position
         finally:
             store.close()
         replayed = {s.id: (s.status, s.version) for s in view.by_id.values()}
         assert shown == replayed
 
-        # every acknowledged command is in the log, exactly once
+        # every acknowledged command is in the log, exactly once, and so is its outcome
         for op, corr in acked:
-            intent = INTENT[op]
-            assert by_corr[corr][intent] == 1, (op, corr, dict(by_corr[corr]))
+            assert by_corr[corr][INTENT[op]] == 1, (op, corr, dict(by_corr[corr]))
+            stream, version = intent_at[corr]
+            after = streams[stream][version:]  # what followed the intent in its stream
+            assert OUTCOME[op] in after, (op, corr, streams[stream][version - 1:])
         print(f"\ncrash test: {ROUNDS} SIGKILLs, {len(acked)} acknowledged commands, "
               f"{len(replayed)} containers, log head {head}: 0 lost, 0 duplicated")
     finally:

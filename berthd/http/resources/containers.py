@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import falcon
+import msgspec
 
 from berthd.actors import ExecOutcome
 from berthd.actors.container import map_runtime_error
@@ -106,6 +107,10 @@ class ContainerExec:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
         cmd = decode_body(req, c.ExecInContainer, self.deps.limits.max_body_bytes)
+        # a request thread waits for the exec: never longer than a command may take
+        cap = self.deps.limits.command_timeout
+        if cmd.timeout is None or cmd.timeout > cap:
+            cmd = msgspec.structs.replace(cmd, timeout=cap)
         ctx = context_of(req)
         state = find_container(self.deps, id, ctx)
         reply = outcome(self.deps, self.deps.supervisor.container_command(
