@@ -178,6 +178,7 @@ class Daemon:
                 link.unlink()
             if cfg.socket:
                 link.symlink_to(sock_dir / name)
+                self._push(f"link {name}", lambda link=link: link.unlink(missing_ok=True))
         endpoints: dict[str, str] = {}
         if self.http.tcp_address:
             endpoints["http"] = _fmt(self.http.tcp_address)

@@ -5,6 +5,7 @@ anything unexpected logged and answered 500 ``INTERNAL_ERROR`` without details."
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,6 +18,7 @@ __all__ = ["register_error_handlers", "error_body"]
 
 log = logging.getLogger(__name__)
 _encode = msgspec.json.Encoder().encode
+_PARAM = re.compile(r'"([^"]{1,100})" parameter')
 
 _FALCON_CODES = {
     400: "VALIDATION_ERROR",
@@ -56,7 +58,11 @@ def _falcon_error(req: falcon.Request, resp: falcon.Response, ex: falcon.HTTPErr
         message = f"no such endpoint: {req.method} {req.path}"
     elif status == 405:
         message = f"{req.method} is not allowed on {req.path}"
-    _send(resp, status, error_body(code, message))
+    details: dict[str, Any] = {}
+    param = _PARAM.search(message)
+    if status == 400 and param:
+        details["field"] = param.group(1)  # falcon's own query-parameter errors
+    _send(resp, status, error_body(code, message, details))
     headers = ex.headers or {}
     for name, value in headers.items() if isinstance(headers, Mapping) else headers:
         resp.set_header(name, value)

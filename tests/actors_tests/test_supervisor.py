@@ -13,7 +13,13 @@ from berthd.actors import CommandContext, Supervisor, rfc3339, system_clock
 from berthd.actors.context import SYSTEM
 from berthd.domain import EVENT_TYPES
 from berthd.domain import container as c
-from berthd.domain.errors import Conflict, ContainerNotFound, ImageNotFound, RuntimeUnavailable
+from berthd.domain.errors import (
+    Conflict,
+    ContainerNotFound,
+    ImageNotFound,
+    RuntimeFailed,
+    RuntimeUnavailable,
+)
 from berthd.events import open_store
 from berthd.events.store import EventStore
 from berthd.runtime import base as rt
@@ -253,7 +259,7 @@ def test_kill_refused_by_the_runtime_is_recorded_and_clears(sup: Supervisor, sto
                                                            runtime: FakeRuntime) -> None:
     state = create(sup)
     runtime.fail_next("kill", rt.RuntimeFailure("engine said no"))
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeFailed):
         sup.container_command(state.id, c.KillContainer(signal="TERM"), CTX).result(timeout=10)
     assert types(store, state.id)[-2:] == ["ContainerKillRequested", "ContainerOperationFailed"]
     reply = sup.container_command(state.id, c.StopContainer(timeout=1), CTX).result(timeout=10)

@@ -88,6 +88,8 @@ def test_bad_query_values(local_daemon: DaemonProcess) -> None:
         assert r.status_code == 400, (params, r.text)
     r = d.get("/v1/events", params={"after": "x"})
     assert r.status_code == 400
+    r = d.delete("/v1/containers/nope", params={"force": "maybe"})
+    assert r.status_code == 400 and error_of(r)["details"]["field"] == "force"
 
 
 def test_missing_image_is_a_clear_error(local_daemon: DaemonProcess) -> None:

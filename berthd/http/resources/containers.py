@@ -69,9 +69,9 @@ class ContainerItem:
         send_json(resp, container_view(state))
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
+        force = req.get_param_as_bool("force", default=False)
         ctx = context_of(req)
         state = find_container(self.deps, id, ctx)
-        force = req.get_param_as_bool("force", default=False)
         reply = outcome(self.deps, self.deps.supervisor.container_command(
             state.id, c.RemoveContainer(force=bool(force)), ctx))
         fresh = fresh_container(self.deps, reply)
