@@ -108,7 +108,7 @@ class SessionKernelAttached(SessionEvent, frozen=True, kw_only=True):
 
 class CommandExecuted(SessionEvent, frozen=True, kw_only=True):
     result_id: str
-    kind: str  # code | command
+    mode: str  # code | command
     status: str  # ok | error | timeout | dead
     executed_at: str
     expires_at: str
