@@ -29,3 +29,10 @@ def test_old_payload_decodes(type_name: str) -> None:
     payload = json.dumps(FIXTURES[type_name]).encode()
     event = msgspec.json.decode(payload, type=EVENT_TYPES[type_name])
     assert type(event).__name__ == type_name
+
+
+def test_no_event_field_shadows_the_entity_kind() -> None:
+    """``kind`` is each event class's entity kind; a field of that name would replace it."""
+    for name, cls in EVENT_TYPES.items():
+        assert "kind" not in cls.__struct_fields__, name
+        assert cls.kind, f"{name} has no entity kind"
