@@ -11,6 +11,14 @@ Errors: a runtime raises only the exceptions defined here. ``RuntimeUnavailable`
 the engine cannot be reached (HTTP 503); ``SandboxNotFound`` means the container does not
 exist (any more) in the runtime; ``RuntimeFailure`` is any other refusal by the engine
 (bad image, bad command, ...), with a message fit for a user.
+
+Shared directories: a container created with ``ContainerSpec.berth_dir`` gets a directory
+that is the same on the host and inside the sandbox (``Runtime.berth_dir``), writable by
+the container's processes, whose sandbox path they find in ``$BERTH_DIR``. Unix sockets
+work across it, which is how the host reaches in-sandbox agents (``berthd.kernel``)
+without depending on an exec stream that would die with the daemon. It lives as long as
+the container and is deleted by ``remove``. The sandbox path ``/run/berth`` is reserved:
+no mount may target it.
 """
 
 from __future__ import annotations
@@ -18,8 +26,12 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 __all__ = [
+    "BERTH_DIR_ENV",
+    "SANDBOX_BERTH_DIR",
+    "BerthDir",
     "ContainerSpec",
     "ExecResult",
     "ExecSpec",
@@ -37,6 +49,10 @@ __all__ = [
     "SandboxStatus",
     "ExitNotice",
 ]
+
+
+BERTH_DIR_ENV = "BERTH_DIR"  # the sandbox path of the shared directory, in every process
+SANDBOX_BERTH_DIR = "/run/berth"  # where it is inside a sandbox with a filesystem of its own
 
 
 class RuntimeError_(Exception):  # noqa: N801 - the builtin name is taken
@@ -95,6 +111,14 @@ class ContainerSpec:
     limits: Limits = Limits()
     network: bool = True
     labels: dict[str, str] = field(default_factory=dict)
+    berth_dir: bool = False  # give it a directory shared with the host (Runtime.berth_dir)
+
+
+class BerthDir(NamedTuple):
+    """A container's shared directory, seen from both sides."""
+
+    host: str  # the path on the daemon's host
+    sandbox: str  # the same directory for the container's processes (also $BERTH_DIR)
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +203,13 @@ class Runtime(abc.ABC):
 
     name: str  # "docker" | "local" | "fake"
 
+    # True when a process that an exec leaves running in the background (in a session of
+    # its own, stdio closed) keeps running after the exec returns and after the daemon
+    # dies: then a long-lived agent can be started in a container that already runs.
+    # Docker: yes. Local: no (each exec is a bubblewrap sandbox of its own that ends with
+    # it); such agents must be the container's main command.
+    detached_execs: bool = False
+
     @property
     @abc.abstractmethod
     def isolation(self) -> str:
@@ -228,6 +259,13 @@ class Runtime(abc.ABC):
 
     @abc.abstractmethod
     def put_file(self, berth_id: str, path: str, data: bytes) -> None: ...
+
+    def berth_dir(self, berth_id: str) -> BerthDir:
+        """The shared directory of a container created with ``ContainerSpec.berth_dir``
+        (see the module docstring). ``SandboxNotFound`` for an unknown container,
+        ``RuntimeFailure`` for one created without it."""
+        self.inspect(berth_id)
+        raise RuntimeFailure(f"the {self.name} runtime has no shared directories")
 
     @abc.abstractmethod
     def get_file(self, berth_id: str, path: str) -> bytes: ...

@@ -18,6 +18,12 @@ the engine's host, we signal from the host: the process group plus every descend
 that the pid belongs to this container (a recycled pid is never hit). With a remote
 engine the pid is not ours to see: a timed-out exec is then reported ``timed_out`` but
 the process is left to the engine (logged), and ``ExecStream.signal`` raises.
+
+Shared directories (``ContainerSpec.berth_dir``): ``<berth_root>/<berth_id>`` on the host
+(``berth_root`` from the constructor, mode 0700), bind-mounted read-write at ``/run/berth``;
+the directory itself is 0777 so that an image's non-root user can use it too. It is
+deleted when the container is removed. Like the exec kill above, it needs the engine on
+this host (a remote engine would bind a path of its own machine).
 """
 
 from __future__ import annotations
@@ -26,8 +32,11 @@ import contextlib
 import io
 import logging
 import math
+import os
 import posixpath
+import re
 import select
+import shutil
 import signal as _signal
 import socket
 import tarfile
@@ -53,6 +62,9 @@ from berthd.runtime._util import (
     signal_number,
 )
 from berthd.runtime.base import (
+    BERTH_DIR_ENV,
+    SANDBOX_BERTH_DIR,
+    BerthDir,
     ContainerSpec,
     ExecResult,
     ExecSpec,
@@ -90,6 +102,19 @@ _UNREACHABLE = (
 )
 _KILL_GRACE = 3.0
 _CHUNK = 65536
+_BERTH_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def default_berth_root() -> str:
+    """Where shared directories go unless the daemon says otherwise."""
+    if os.geteuid() == 0:
+        return "/var/lib/berthd/docker-berth"
+    return os.path.join(os.path.expanduser("~"), ".local", "share", "berthd", "docker-berth")
+
+
+def _reserved(container_path: str) -> bool:
+    path = posixpath.normpath(container_path)
+    return path == SANDBOX_BERTH_DIR or path.startswith(SANDBOX_BERTH_DIR + "/")
 
 
 def _container_name(berth_id: str) -> str:
@@ -120,9 +145,11 @@ def _status_of(attrs: dict[str, Any]) -> SandboxStatus:
 
 class DockerRuntime(Runtime):
     """Sandboxes as Docker containers. ``client``: an SDK client to use (not closed by
-    us); else one from the environment with ``timeout`` seconds per call."""
+    us); else one from the environment with ``timeout`` seconds per call. ``berth_root``:
+    the host directory for shared directories (default ``default_berth_root()``)."""
 
     name = "docker"
+    detached_execs = True  # exec'd processes belong to the container, not to the exec
 
     def __init__(
         self,
@@ -131,8 +158,10 @@ class DockerRuntime(Runtime):
         *,
         timeout: float = 10.0,
         poll_interval: float = 2.0,
+        berth_root: str | os.PathLike[str] | None = None,
     ) -> None:
         self.node_id = node_id
+        self._berth_root = os.path.abspath(os.fspath(berth_root or default_berth_root()))
         self._client = client
         self._owns_client = client is None
         self._timeout = timeout
@@ -219,6 +248,8 @@ class DockerRuntime(Runtime):
         for mount in spec.mounts:
             if mount.mode not in ("ro", "rw"):
                 raise RuntimeFailure(f"mount mode must be 'ro' or 'rw', not {mount.mode!r}")
+            if _reserved(mount.container_path):
+                raise RuntimeFailure(f"{SANDBOX_BERTH_DIR} is reserved for the shared directory")
             mounts.append(
                 docker.types.Mount(
                     target=mount.container_path,
@@ -227,11 +258,22 @@ class DockerRuntime(Runtime):
                     read_only=mount.mode != "rw",
                 )
             )
+        env = dict(spec.env)
+        berth_host: str | None = None
+        created_dir = False
+        if spec.berth_dir:
+            berth_host, created_dir = self._make_berth_dir(spec.berth_id)
+            mounts.append(
+                docker.types.Mount(
+                    target=SANDBOX_BERTH_DIR, source=berth_host, type="bind", read_only=False
+                )
+            )
+            env[BERTH_DIR_ENV] = SANDBOX_BERTH_DIR
         options: dict[str, Any] = {
             "command": list(spec.command) or None,
             "name": _container_name(spec.berth_id),
             "labels": labels,
-            "environment": dict(spec.env) or None,
+            "environment": env or None,
             "working_dir": spec.workdir,
             "init": True,
             "detach": True,
@@ -260,6 +302,8 @@ class DockerRuntime(Runtime):
                 container = client.containers.create(spec.image, **options)
         except RuntimeFailure as exc:
             if "Conflict" not in str(exc) and "already in use" not in str(exc):
+                if created_dir and berth_host is not None:
+                    shutil.rmtree(berth_host, ignore_errors=True)
                 raise
             # A retried create (crash between intent and outcome): same id, same node.
             existing = self._container(spec.berth_id)
@@ -304,9 +348,50 @@ class DockerRuntime(Runtime):
         return status
 
     def remove(self, berth_id: str, force: bool = False) -> None:
+        try:
+            container = self._container(berth_id)
+            with self._errors("remove", berth_id):
+                container.remove(force=force, v=True)
+        except SandboxNotFound:
+            self._drop_berth_dir(berth_id)  # removed behind our back: ours is still here
+            raise
+        self._drop_berth_dir(berth_id)
+
+    # ------------------------------------------------------------------ shared directory
+
+    def _make_berth_dir(self, berth_id: str) -> tuple[str, bool]:
+        """``<berth_root>/<berth_id>``, and whether this call created it."""
+        if not _BERTH_ID_RE.match(berth_id):
+            raise RuntimeFailure(f"invalid container id {berth_id!r} for a shared directory")
+        try:
+            os.makedirs(self._berth_root, mode=0o700, exist_ok=True)
+            path = os.path.join(self._berth_root, berth_id)
+            try:
+                os.mkdir(path)
+                created = True
+            except FileExistsError:
+                created = False  # a retried create
+            os.chmod(path, 0o777)  # the image's user may not be root
+        except OSError as exc:
+            raise RuntimeFailure(f"cannot create the shared directory: {exc}") from None
+        return path, created
+
+    def _drop_berth_dir(self, berth_id: str) -> None:
+        # Only ever our own <root>/<id>: never a path read back from the engine.
+        if _BERTH_ID_RE.match(berth_id):
+            path = os.path.join(self._berth_root, berth_id)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+
+    def berth_dir(self, berth_id: str) -> BerthDir:
         container = self._container(berth_id)
-        with self._errors("remove", berth_id):
-            container.remove(force=force, v=True)
+        host = (container.attrs.get("HostConfig") or {}).get("Mounts") or []
+        for mount in host:
+            if mount.get("Target") == SANDBOX_BERTH_DIR and mount.get("Type") == "bind":
+                return BerthDir(str(mount["Source"]), SANDBOX_BERTH_DIR)
+        raise RuntimeFailure(
+            f"container {berth_id} has no shared directory (create it with berth_dir=True)"
+        )
 
     def inspect(self, berth_id: str) -> SandboxStatus:
         return self._status(self._container(berth_id))

@@ -8,7 +8,8 @@ processes (in a new session) inside a per-container temporary directory, so ``ec
 and ``/tmp`` in ``workdir``, ``put_file`` and ``get_file`` map to ``workspace/`` and
 ``tmp/`` in that directory (on disk, so that a command can read a file put there);
 paths inside commands are not translated. A container created without a command idles
-(no process) until stopped or killed.
+(no process) until stopped or killed. A shared directory (``berth_dir``) is ``berth/`` in
+that directory, the same path on both sides, in ``$BERTH_DIR``.
 
 Test hooks (all thread-safe):
 
@@ -44,6 +45,9 @@ from berthd.runtime import _files, _proc
 from berthd.runtime._hostexec import ProcessExecStream, Spawner, run_to_completion
 from berthd.runtime._util import exit_code_from_returncode, signal_number, utc_now
 from berthd.runtime.base import (
+    BERTH_DIR_ENV,
+    SANDBOX_BERTH_DIR,
+    BerthDir,
     ContainerSpec,
     ExecResult,
     ExecSpec,
@@ -97,6 +101,10 @@ class _Container:
     @property
     def tmp(self) -> str:
         return os.path.join(self.directory, "tmp")
+
+    @property
+    def berth(self) -> str:
+        return os.path.join(self.directory, "berth")
 
 
 class FakeRuntime(Runtime):
@@ -218,6 +226,8 @@ class FakeRuntime(Runtime):
         env = {"PATH": _PATH, "HOME": box.workspace, "TMPDIR": box.tmp, "LANG": "C.UTF-8"}
         env.update(box.spec.env)
         env.update(extra)
+        if box.spec.berth_dir:
+            env[BERTH_DIR_ENV] = box.berth
         return env
 
     def _cwd(self, box: _Container, workdir: str | None) -> str:
@@ -241,6 +251,12 @@ class FakeRuntime(Runtime):
         with self._lock:
             if _normal_ref(spec.image) not in self._images:
                 raise ImageMissing(f"image {spec.image!r} not found; pull it first")
+            for mount in spec.mounts:
+                target = os.path.normpath(mount.container_path)
+                if target == SANDBOX_BERTH_DIR or target.startswith(SANDBOX_BERTH_DIR + "/"):
+                    raise RuntimeFailure(
+                        f"{SANDBOX_BERTH_DIR} is reserved for the shared directory"
+                    )
             existing = self._containers.get(spec.berth_id)
             if existing is not None:
                 if existing.spec.node_id == spec.node_id:
@@ -250,6 +266,8 @@ class FakeRuntime(Runtime):
             box = _Container(spec=spec, directory=directory)
             os.mkdir(box.workspace)
             os.mkdir(box.tmp)
+            if spec.berth_dir:
+                os.mkdir(box.berth)
             cwd = self._cwd(box, spec.workdir)
             if cwd.startswith(directory + os.sep):
                 os.makedirs(cwd, exist_ok=True)
@@ -462,6 +480,16 @@ class FakeRuntime(Runtime):
         with self._lock:
             box = self._box(berth_id)
             return {"workspace": box.workspace, "tmp": box.tmp}
+
+    def berth_dir(self, berth_id: str) -> BerthDir:
+        self._enter("berth_dir", berth_id)
+        with self._lock:
+            box = self._box(berth_id)
+        if not box.spec.berth_dir:
+            raise RuntimeFailure(
+                f"container {berth_id} has no shared directory (create it with berth_dir=True)"
+            )
+        return BerthDir(box.berth, box.berth)
 
     def put_file(self, berth_id: str, path: str, data: bytes) -> None:
         self._enter("put_file", berth_id)

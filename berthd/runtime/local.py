@@ -10,6 +10,9 @@ Layout, one directory per container under ``root_dir`` (mode 0711, root-owned)::
     <berth_id>/state.json     written by the shim once the command runs
     <berth_id>/exit.json      written by the shim when it ends
     <berth_id>/container.log  the main process's stdout + stderr       (0600)
+    <berth_id>/berth/         the shared directory (``ContainerSpec.berth_dir``), owned by
+                              the container's uid (0700); ``/run/berth`` inside bubblewrap,
+                              the same host path without it
 
 The main process is started through ``berthd.runtime._shim`` in a session of its own, so
 it survives the daemon (even a SIGKILL) and a new ``LocalRuntime`` on the same root
@@ -75,6 +78,9 @@ from berthd.runtime._hostexec import ProcessExecStream, Spawner, run_to_completi
 from berthd.runtime._shim import EXIT_FILE, LAUNCH_FILE, STATE_FILE, write_json_atomic
 from berthd.runtime._util import ExitTracker, format_time, signal_number, utc_now
 from berthd.runtime.base import (
+    BERTH_DIR_ENV,
+    SANDBOX_BERTH_DIR,
+    BerthDir,
     ContainerSpec,
     ExecResult,
     ExecSpec,
@@ -141,6 +147,10 @@ class _Paths:
     @property
     def shim_log(self) -> str:
         return os.path.join(self.root, SHIM_LOG_FILE)
+
+    @property
+    def berth(self) -> str:
+        return os.path.join(self.root, "berth")
 
 
 def _read_json(path: str) -> dict[str, Any] | None:
@@ -366,6 +376,8 @@ class LocalRuntime(Runtime):
         env.update(LANG="C.UTF-8", USER="nobody", LOGNAME="nobody")
         env.update(spec.get("env") or {})
         env.update(extra)
+        if spec.get("berth_dir"):
+            env[BERTH_DIR_ENV] = SANDBOX_BERTH_DIR if self._bwrap is not None else paths.berth
         return env
 
     def _resolve_command(self, paths: _Paths, command: list[str], env: dict[str, str]) -> bool:
@@ -410,6 +422,8 @@ class LocalRuntime(Runtime):
         if not (self._root + "/").startswith("/tmp/"):
             argv += ["--tmpfs", self._root]  # other containers' directories
         argv += ["--bind", paths.workspace, "/workspace", "--bind", paths.tmp, "/tmp"]
+        if spec.get("berth_dir"):
+            argv += ["--bind", paths.berth, SANDBOX_BERTH_DIR]
         for mount in spec.get("mounts") or ():
             flag = "--bind" if mount.get("mode") == "rw" else "--ro-bind"
             argv += [flag, mount["host_path"], mount["container_path"]]
@@ -543,6 +557,9 @@ class LocalRuntime(Runtime):
                 raise RuntimeFailure(f"mount target must be an absolute path: {target!r}")
             if os.path.normpath(target) in ("/", "/proc", "/dev", "/workspace", "/tmp"):
                 raise RuntimeFailure(f"cannot mount over {target}")
+            reserved = SANDBOX_BERTH_DIR
+            if os.path.commonpath([os.path.normpath(target), reserved]) == reserved:
+                raise RuntimeFailure(f"{SANDBOX_BERTH_DIR} is reserved for the shared directory")
             if mount.mode not in ("ro", "rw"):
                 raise RuntimeFailure(f"mount mode must be 'ro' or 'rw', not {mount.mode!r}")
             if not os.path.exists(mount.host_path):
@@ -581,7 +598,8 @@ class LocalRuntime(Runtime):
             created_at=utc_now(),
         )
         try:
-            for directory in (paths.workspace, paths.tmp):
+            private = [paths.workspace, paths.tmp] + ([paths.berth] if spec.berth_dir else [])
+            for directory in private:
                 os.mkdir(directory, 0o700)
                 if uid is not None:
                     os.chown(directory, uid, uid)
@@ -902,6 +920,18 @@ class LocalRuntime(Runtime):
         paths = self._paths(berth_id)
         spec = self._spec(paths, berth_id)
         return {"workspace": paths.workspace, "tmp": paths.tmp}, self._owner(spec)
+
+    def berth_dir(self, berth_id: str) -> BerthDir:
+        paths = self._paths(berth_id)
+        spec = self._spec(paths, berth_id)
+        if not spec.get("berth_dir"):
+            raise RuntimeFailure(
+                f"container {berth_id} has no shared directory (create it with berth_dir=True)"
+            )
+        # As the container was started (bubblewrap or not), else as it would be now.
+        state = _read_json(paths.state)
+        sandboxed = bool(state.get("sandboxed")) if state else self._bwrap is not None
+        return BerthDir(paths.berth, SANDBOX_BERTH_DIR if sandboxed else paths.berth)
 
     def put_file(self, berth_id: str, path: str, data: bytes) -> None:
         roots, owner = self._file_roots(berth_id)

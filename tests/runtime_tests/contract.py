@@ -14,19 +14,23 @@ relative to a ``workdir`` of /tmp or /workspace: runtimes without a mount namesp
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
 
 from berthd.runtime.base import (
+    SANDBOX_BERTH_DIR,
     ContainerSpec,
     ExecSpec,
     ExitNotice,
     Limits,
+    Mount,
     Runtime,
     RuntimeError_,
     RuntimeFailure,
@@ -515,3 +519,47 @@ class RuntimeContract:
     def test_limits_are_accepted(self, runtime: Runtime) -> None:
         berth_id = self.running(runtime, limits=Limits(memory_mb=256, pids=64), network=False)
         assert runtime.exec(berth_id, ExecSpec(command=("echo", "limited"))).stdout == b"limited\n"
+
+    # ---------------------------------------------------------------- shared directory
+
+    def test_berth_dir_is_shared_both_ways(self, runtime: Runtime) -> None:
+        main = 'echo "main sees $BERTH_DIR" > "$BERTH_DIR/main.txt"; exec sleep 30'
+        berth_id = self.running(runtime, ("sh", "-c", main), berth_dir=True)
+        shared = runtime.berth_dir(berth_id)
+        assert os.path.isdir(shared.host)
+        assert shared.sandbox in (SANDBOX_BERTH_DIR, shared.host)
+        assert wait_until(lambda: Path(shared.host, "main.txt").exists())
+        assert Path(shared.host, "main.txt").read_text() == f"main sees {shared.sandbox}\n"
+        Path(shared.host, "from-host.txt").write_text("hello\n")
+        script = 'cat "$BERTH_DIR/from-host.txt"; echo back > "$BERTH_DIR/from-sandbox.txt"'
+        result = runtime.exec(berth_id, ExecSpec(command=("sh", "-c", script)))
+        assert result.exit_code == 0, result
+        assert result.stdout == b"hello\n"
+        assert Path(shared.host, "from-sandbox.txt").read_text() == "back\n"
+
+    def test_berth_dir_only_when_asked(self, runtime: Runtime) -> None:
+        berth_id = self.running(runtime)
+        with pytest.raises(RuntimeFailure):
+            runtime.berth_dir(berth_id)
+        with pytest.raises(SandboxNotFound):
+            runtime.berth_dir(uuid.uuid4().hex[:12])
+        probe = ExecSpec(command=("sh", "-c", 'echo "${BERTH_DIR:-unset}"'))
+        assert runtime.exec(berth_id, probe).stdout == b"unset\n"
+
+    def test_berth_dir_lives_as_long_as_the_container(self, runtime: Runtime) -> None:
+        spec = self.spec(berth_dir=True)
+        runtime.create(spec)
+        shared = runtime.berth_dir(spec.berth_id)  # there before the first start
+        Path(shared.host, "kept.txt").write_text("kept")
+        runtime.start(spec.berth_id)
+        runtime.stop(spec.berth_id, timeout=5)
+        runtime.start(spec.berth_id)
+        probe = ExecSpec(command=("sh", "-c", 'cat "$BERTH_DIR/kept.txt"'))
+        assert runtime.exec(spec.berth_id, probe).stdout == b"kept"
+        runtime.remove(spec.berth_id, force=True)
+        assert not os.path.exists(shared.host)
+
+    def test_the_shared_path_is_reserved(self, runtime: Runtime) -> None:
+        mount = Mount(host_path="/tmp", container_path=SANDBOX_BERTH_DIR + "/sub", mode="ro")
+        with pytest.raises(RuntimeFailure):
+            runtime.create(self.spec(berth_dir=True, mounts=(mount,)))
