@@ -9,29 +9,45 @@
 explicit arguments, never through ``Application``/``InfrastructureFactory``, which would
 read ``os.environ``.
 
-How the guarantees are kept, on every backend:
+Durable appends go through group commit on SQLite and PostgreSQL (``_group_commit``):
+one writer thread per store takes the appends queued by every thread, writes them in one
+transaction with one fsync, and acknowledges each caller after that commit. The memory
+store appends on the caller's thread.
 
-- Versions. An append first reads the stream's current version and refuses at once if it
-  is not ``expected_version``; then it inserts versions ``expected+1..expected+n`` in one
-  transaction, and the primary key ``(originator_id, originator_version)`` refuses the
-  insert if anyone got there in between. The read and the insert need not share a
-  transaction: versions are contiguous and never deleted, so "version ``expected`` is the
-  last" can only turn into "version ``expected+1`` exists", which the key catches. This
-  holds for threads and for processes alike, with no lock of ours.
+How the guarantees are kept:
+
+- Versions. SQLite and PostgreSQL: the writer thread's transaction first excludes every
+  other writer of the log, in this process or another (SQLite ``BEGIN IMMEDIATE``;
+  PostgreSQL ``LOCK TABLE ... IN EXCLUSIVE MODE``, the recorder's own lock), then reads
+  the current version of each stream in the batch. An append whose stream is not at its
+  expected version (counting appends accepted earlier in the same batch) fails alone
+  with ``ConcurrencyConflict``; the others are inserted, versions
+  ``expected+1..expected+n``. The check and the insert share the exclusive transaction,
+  so the check is exact; the primary key ``(originator_id, originator_version)`` stays a
+  backstop: should it ever refuse an insert, the batch is rolled back and its appends
+  are retried one transaction each, where a refusal is that append's conflict. Memory:
+  the version is read, then the events inserted; the recorder refuses a version that
+  exists, which catches anyone who got there in between (versions are contiguous and
+  never deleted, so "version ``expected`` is the last" can only turn into "version
+  ``expected+1`` exists").
 - Positions are eventsourcing's notification ids. SQLite: the rowid, given out by the one
   writer SQLite allows at a time, so in commit order and without gaps. PostgreSQL: a
-  ``bigserial``; the recorder takes ``LOCK TABLE ... IN EXCLUSIVE MODE`` before
-  inserting, so ids are drawn and committed by one transaction at a time, and a follower
-  can never see position n+1 before a late commit of n. A refused insert burns its ids:
-  positions there are strictly increasing but may have gaps. Memory: list index + 1.
-- All or nothing: one transaction per append. Any database failure surfaces as
-  ``StoreUnavailable`` after the transaction rolled back. On PostgreSQL the library's
-  blind retry of inserts is bypassed: after a lost connection the commit's outcome is
-  unknown, and retrying could report our own success as a conflict.
-- Wake-ups: every append in this process notifies a ``threading.Condition``; waiters also
-  re-read ``head()`` every ``poll_interval`` seconds (SQLite, PostgreSQL) to see appends by
-  other processes, sharing one poll between all waiting threads. PostgreSQL adds a
-  ``LISTEN`` on the recorder's ``NOTIFY`` channel, so cross-process wake-ups are immediate.
+  ``bigserial`` drawn under the table lock, so ids are drawn and committed by one
+  transaction at a time, and a follower can never see position n+1 before a late commit
+  of n. A rolled-back insert burns its ids: positions there are strictly increasing but
+  may have gaps. Within a batch, appends get their positions in the order they were
+  queued. Memory: list index + 1.
+- All or nothing: a batch is one transaction. A database failure rolls it back and every
+  caller of the batch gets ``StoreUnavailable``; none of its events are in the log. On
+  PostgreSQL a lost connection is retried on a fresh one only before the batch's
+  ``COMMIT`` was sent; after that the outcome is unknown and is reported as
+  ``StoreUnavailable`` (eventsourcing's blind retry of inserts, which could report our
+  own success as a conflict, is bypassed).
+- Wake-ups: every commit in this process notifies a ``threading.Condition`` before its
+  callers return; waiters also re-read ``head()`` every ``poll_interval`` seconds
+  (SQLite, PostgreSQL) to see appends by other processes, sharing one poll between all
+  waiting threads. PostgreSQL adds a ``LISTEN`` on the recorder's ``NOTIFY`` channel
+  (each batch sends one ``NOTIFY``), so cross-process wake-ups are immediate.
 """
 
 from __future__ import annotations
@@ -68,6 +84,7 @@ from eventsourcing.sqlite import (
 )
 from psycopg.sql import SQL, Identifier
 
+from berthd.events._group_commit import GroupCommitter, Outcome, PendingAppend, Release, plan
 from berthd.events.codec import CorruptEvent, EventCodec
 from berthd.events.store import (
     ConcurrencyConflict,
@@ -126,6 +143,8 @@ class RecorderEventStore(EventStore):
         self._next_poll = 0.0  # monotonic time of the next shared head poll
         self._poll_requested = True  # first waiter reads the real head
         self._closed = False
+        # Set by backends that group-commit (SQLite, PostgreSQL); None: append in place.
+        self._committer: GroupCommitter | None = None
 
     # -- EventStore -------------------------------------------------------------------
 
@@ -155,6 +174,30 @@ class RecorderEventStore(EventStore):
                     state=state,
                 )
             )
+        ids = self._write(stream_id, expected_version, stored)
+        return [
+            Recorded(
+                position=position,
+                stream_id=stream_id,
+                version=s.originator_version,
+                kind=getattr(type(event), "kind", ""),
+                type=s.topic,
+                meta=meta,
+                event=event,
+            )
+            for position, s, event in zip(ids, stored, events, strict=True)
+        ]
+
+    def _write(
+        self, stream_id: str, expected_version: int, stored: Sequence[StoredEvent]
+    ) -> Sequence[int]:
+        """Write one append durably and wake this process's waiters; its positions."""
+        if self._closed:
+            raise StoreUnavailable(
+                f"cannot append to stream {stream_id}: the event store is closed"
+            )
+        if self._committer is not None:
+            return self._committer.submit(stream_id, expected_version, stored)
         with self._guard(f"append to stream {stream_id}"):
             if self._positioned.current_version(stream_id) != expected_version:
                 raise ConcurrencyConflict(stream_id, expected_version)
@@ -168,18 +211,7 @@ class RecorderEventStore(EventStore):
                 f"returned positions {ids!r}"
             )
         self._advance(max(ids))
-        return [
-            Recorded(
-                position=position,
-                stream_id=stream_id,
-                version=s.originator_version,
-                kind=getattr(type(event), "kind", ""),
-                type=s.topic,
-                meta=meta,
-                event=event,
-            )
-            for position, s, event in zip(ids, stored, events, strict=True)
-        ]
+        return ids
 
     def read_stream(self, stream_id: str, after_version: int = 0) -> list[Recorded]:
         with self._guard(f"read stream {stream_id}"):
@@ -237,12 +269,24 @@ class RecorderEventStore(EventStore):
                     return False
 
     def close(self) -> None:
+        """Stop taking appends, finish those already queued for group commit (their
+        callers get their real outcome), then release connections and threads."""
         with self._cond:
             if self._closed:
                 return
             self._closed = True
             self._cond.notify_all()
+        if self._committer is not None:
+            self._committer.close()
         self._close_backend()
+
+    def commit_stats(self) -> dict[str, int]:
+        """Group commit counters since the store was opened: ``batches`` committed,
+        ``appends`` and ``events`` they held (all 0 on a store that appends in place).
+        ``appends / batches`` is the mean batch size."""
+        if self._committer is None:
+            return {"batches": 0, "appends": 0, "events": 0}
+        return self._committer.stats()
 
     # -- for subclasses ---------------------------------------------------------------
 
@@ -426,14 +470,176 @@ class _SQLiteRecorder(SQLiteApplicationRecorder):
             return value or 0
 
 
+class _IntegrityRefusal(Exception):
+    """The primary key refused an insert of a batch that passed the version check (the
+    batch was rolled back): retry its appends one transaction each."""
+
+
+class _SQLiteBatchWriter:
+    """Group commit on SQLite: the writer thread's own connection (same pragmas as the
+    pool's), one ``BEGIN IMMEDIATE`` transaction per batch.
+
+    ``BEGIN IMMEDIATE`` takes the database's write lock up front (waiting up to
+    ``lock_timeout`` for another process's), so the versions read next cannot change
+    before the commit. While the previous batch's callers wait to be told (see
+    ``_group_commit``), it is tried without waiting first.
+    """
+
+    def __init__(
+        self,
+        db_name: str,
+        *,
+        table: str,
+        insert_statement: str,
+        pragmas: Sequence[str],
+        lock_timeout: int,
+    ) -> None:
+        self._db_name = db_name
+        self._table = table
+        self._insert = insert_statement
+        self._pragmas = tuple(pragmas)
+        self._lock_timeout = lock_timeout
+        self._conn: sqlite3.Connection | None = None
+        self._versions_sql: dict[int, str] = {}
+
+    def commit(self, batch: Sequence[PendingAppend], release: Release) -> list[Outcome]:
+        try:
+            return self._transaction(batch, release)
+        except _IntegrityRefusal:
+            release()
+            log.warning("group commit: primary key refused a checked batch; retrying one by one")
+            return [self._alone(p) for p in batch]
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def _alone(self, p: PendingAppend) -> Outcome:
+        try:
+            return self._transaction([p], Release())[0]
+        except _IntegrityRefusal:
+            return p.conflict()
+        except StoreUnavailable as exc:
+            out = StoreUnavailable(f"cannot append to stream {p.stream_id}: {exc}")
+            out.__cause__ = exc.__cause__
+            return out
+
+    def _transaction(self, batch: Sequence[PendingAppend], release: Release) -> list[Outcome]:
+        try:
+            conn = self._connection()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot open {self._db_name} for writing: {exc}") from exc
+        try:
+            self._begin(conn, release)
+            accepted = plan(batch, self._current_versions(conn, {p.stream_id for p in batch}))
+            outcomes: list[Outcome] = []
+            cursor = conn.cursor()
+            insert = self._insert
+            for p, ok in zip(batch, accepted, strict=True):
+                if not ok:
+                    outcomes.append(p.conflict())
+                    continue
+                ids = []
+                for s in p.events:
+                    cursor.execute(
+                        insert, (s.originator_id, s.originator_version, s.topic, s.state)
+                    )
+                    ids.append(cursor.lastrowid or 0)
+                outcomes.append(ids)
+            if not any(accepted):  # all refused: that is decided, whatever the rollback does
+                self._rollback(conn)
+                return outcomes
+            release()
+            conn.execute("COMMIT")
+            return outcomes
+        except sqlite3.IntegrityError as exc:
+            self._rollback(conn)
+            raise _IntegrityRefusal from exc
+        except sqlite3.Error as exc:
+            self._rollback(conn)
+            raise StoreUnavailable(str(exc)) from exc
+        except BaseException:
+            self._rollback(conn)
+            raise
+
+    def _begin(self, conn: sqlite3.Connection, release: Release) -> None:
+        """``BEGIN IMMEDIATE``; while a committed batch waits to be told, first without
+        waiting for another process's write lock: if it is taken, tell them, then wait."""
+        if not release.pending:
+            conn.execute("BEGIN IMMEDIATE")
+            return
+        conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            busy = False
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
+                raise
+            busy = True
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {self._lock_timeout * 1000}")
+        if busy:
+            release()
+            conn.execute("BEGIN IMMEDIATE")
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            conn = sqlite3.connect(
+                self._db_name,
+                uri=True,
+                check_same_thread=False,
+                isolation_level=None,  # transactions are ours: BEGIN IMMEDIATE ... COMMIT
+                timeout=self._lock_timeout,
+            )
+            try:
+                for statement in self._pragmas:
+                    conn.execute(statement).close()
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+        return self._conn
+
+    def _rollback(self, conn: sqlite3.Connection) -> None:
+        try:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        except sqlite3.Error as exc:  # the connection is in doubt: use a new one
+            log.warning("rollback failed (%s); reopening the writer connection", exc)
+            self.close()
+
+    def _current_versions(self, conn: sqlite3.Connection, streams: set[str]) -> dict[str, int]:
+        """Each stream's last version, one query per 512 streams. ``MAX`` in a correlated
+        subquery is one index seek per stream (``GROUP BY`` would scan whole streams);
+        the id list is padded to a power of two so few statements are ever prepared."""
+        ids = list(streams)
+        out: dict[str, int] = {}
+        for start in range(0, len(ids), 512):
+            chunk = ids[start : start + 512]
+            size = 1 << (len(chunk) - 1).bit_length()
+            sql = self._versions_sql.get(size)
+            if sql is None:
+                sql = self._versions_sql[size] = (
+                    f"SELECT v.column1, (SELECT MAX(originator_version) FROM {self._table} "
+                    "WHERE originator_id = v.column1) FROM (VALUES "
+                    + ",".join(["(?)"] * size)
+                    + ") AS v"
+                )
+            for stream_id, version in conn.execute(sql, chunk + [chunk[-1]] * (size - len(chunk))):
+                out[stream_id] = version or 0
+        return out
+
+
 class SQLiteEventStore(RecorderEventStore):
     """The log in one SQLite file (WAL, synchronous=FULL): berthd's default store.
 
-    Several processes may open the same file; SQLite serialises their writes and the
-    store's head poll (``poll_interval``) wakes followers for each other's appends.
-    ``lock_timeout`` (seconds) bounds the wait for another process's write lock.
-    ``pragmas`` are extra ``PRAGMA`` statements run on every connection (e.g.
-    ``"PRAGMA cache_size=-65536"``).
+    Appends are group-committed by one writer thread with a connection of its own;
+    reads use a pool of connections. Several processes may open the same file; SQLite
+    serialises their writes and the store's head poll (``poll_interval``) wakes
+    followers for each other's appends. ``lock_timeout`` (seconds) bounds the wait for
+    another process's write lock. ``pragmas`` are extra ``PRAGMA`` statements run on
+    every connection, the writer's included (e.g. ``"PRAGMA cache_size=-65536"``).
     """
 
     _driver_errors = (sqlite3.Error,)
@@ -462,9 +668,10 @@ class SQLiteEventStore(RecorderEventStore):
                     "(create the data directory first)"
                 )
         self.path = db_name
+        all_pragmas = ("PRAGMA synchronous=FULL", *pragmas)
         self.datastore = _DurableSQLiteDatastore(
             db_name,
-            pragmas=("PRAGMA synchronous=FULL", *pragmas),
+            pragmas=all_pragmas,
             lock_timeout=lock_timeout,
             pool_timeout=float(lock_timeout) * 2,
         )
@@ -472,10 +679,21 @@ class SQLiteEventStore(RecorderEventStore):
         super().__init__(recorder, EventCodec(registry, meta_type), poll_interval=poll_interval)
         try:
             with self._guard(f"create the events table in {db_name}"):
-                recorder.create_table()
+                recorder.create_table()  # also puts the file in WAL mode
         except BaseException:
             self.datastore.close()
             raise
+        self._committer = GroupCommitter(
+            _SQLiteBatchWriter(
+                db_name,
+                table=recorder.events_table_name,
+                insert_statement=recorder.insert_events_statement,
+                pragmas=all_pragmas,
+                lock_timeout=lock_timeout,
+            ),
+            on_commit=self._advance,
+            name=os.path.basename(db_name),
+        )
 
     def pragmas(self) -> dict[str, Any]:
         """``synchronous`` and ``journal_mode`` as a pooled connection sees them (for
@@ -590,11 +808,156 @@ class _PostgresRecorder(PostgresApplicationRecorder):
             return int(row["version"] or 0) if row else 0
 
 
+class _PostgresBatchWriter:
+    """Group commit on PostgreSQL: the writer thread's own connection, one transaction
+    per batch in two round trips: ``BEGIN``, the recorder's table lock and the versions
+    read; then one ``INSERT ... SELECT FROM unnest(...)``, ``NOTIFY`` and ``COMMIT``.
+    Each round trip is one multi-statement query with parameters bound client-side
+    (psycopg's ``ClientCursor``; its quoting is psycopg's own): pipeline mode would
+    give the same two round trips but busy-polls the socket while it waits, holding
+    the GIL the appending threads need. The previous batch's callers (see
+    ``_group_commit``) are told before the first round trip: a server that stops
+    answering must not hold up appends that are already committed.
+
+    A connection found dead in the first round trip (a server restart since the last
+    batch) is replaced and the batch retried once: nothing can have been written yet.
+    A failure in the second round trip is reported, never retried: the ``COMMIT`` may
+    have been applied.
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], psycopg.Connection[Any]],
+        *,
+        schema: str,
+        table: str,
+        channel: str,
+        lock_timeout: int,
+    ) -> None:
+        self._connect = connect
+        self._lock_timeout = f"{lock_timeout}s"
+        name = SQL("{}.{}").format(Identifier(schema), Identifier(table))
+        versions = SQL(
+            "SELECT s.id, (SELECT max(originator_version) FROM {} WHERE originator_id = s.id) "
+            "FROM unnest(%s::text[]) AS s(id)"
+        ).format(name)
+        self._begin_sql = SQL("BEGIN; LOCK TABLE {} IN EXCLUSIVE MODE; {}").format(name, versions)
+        self._insert_sql = SQL(
+            "INSERT INTO {} (originator_id, originator_version, topic, state) "
+            "SELECT i, v, t, s FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::bytea[]) "
+            "WITH ORDINALITY AS r(i, v, t, s, o) ORDER BY o "
+            "RETURNING originator_id, originator_version, notification_id; "
+            "NOTIFY {}; COMMIT"
+        ).format(name, Identifier(channel))
+        self._conn: psycopg.Connection[Any] | None = None
+        self._cursor: psycopg.ClientCursor[Any] | None = None
+
+    def commit(self, batch: Sequence[PendingAppend], release: Release) -> list[Outcome]:
+        try:
+            return self._transaction(batch, release)
+        except _IntegrityRefusal:
+            release()
+            log.warning("group commit: primary key refused a checked batch; retrying one by one")
+            return [self._alone(p) for p in batch]
+
+    def close(self) -> None:
+        conn, self._conn, self._cursor = self._conn, None, None
+        if conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
+
+    def _alone(self, p: PendingAppend) -> Outcome:
+        try:
+            return self._transaction([p], Release())[0]
+        except _IntegrityRefusal:
+            return p.conflict()
+        except StoreUnavailable as exc:
+            out = StoreUnavailable(f"cannot append to stream {p.stream_id}: {exc}")
+            out.__cause__ = exc.__cause__
+            return out
+
+    def _transaction(self, batch: Sequence[PendingAppend], release: Release) -> list[Outcome]:
+        release()
+        streams = list(dict.fromkeys(p.stream_id for p in batch))
+        retried = False
+        while True:
+            conn, cursor = self._connection()
+            try:
+                cursor.execute(self._begin_sql, (streams,))
+                while cursor.nextset():  # BEGIN, LOCK, then the versions
+                    pass
+                rows = cursor.fetchall()
+                break
+            except psycopg.Error as exc:
+                self._abandon(conn)
+                if not retried and self._conn is None:  # nothing was written: safe to retry
+                    retried = True
+                    log.info("writer connection lost (%s); retrying the batch on a new one", exc)
+                    continue
+                raise StoreUnavailable(str(exc)) from exc
+        accepted = plan(batch, {stream_id: version or 0 for stream_id, version in rows})
+        events = [s for p, ok in zip(batch, accepted, strict=True) if ok for s in p.events]
+        if not events:  # all refused: that is decided, whatever the rollback does
+            self._abandon(conn)
+            return [p.conflict() for p in batch]
+        try:
+            cursor.execute(
+                self._insert_sql,
+                (
+                    [s.originator_id for s in events],
+                    [s.originator_version for s in events],
+                    [s.topic for s in events],
+                    [s.state for s in events],
+                ),
+            )
+            positions = {(i, v): n for i, v, n in cursor.fetchall()}  # the INSERT's rows
+        except psycopg.errors.IntegrityError as exc:
+            self._abandon(conn)
+            raise _IntegrityRefusal from exc
+        except psycopg.Error as exc:
+            self._abandon(conn)
+            raise StoreUnavailable(str(exc)) from exc
+        return [
+            [positions[(p.stream_id, s.originator_version)] for s in p.events]
+            if ok
+            else p.conflict()
+            for p, ok in zip(batch, accepted, strict=True)
+        ]
+
+    def _connection(self) -> tuple[psycopg.Connection[Any], psycopg.ClientCursor[Any]]:
+        conn, cursor = self._conn, self._cursor
+        if conn is not None and cursor is not None and not conn.closed:
+            return conn, cursor
+        try:
+            conn = self._connect()
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"cannot connect for writing: {exc}") from exc
+        try:
+            conn.execute("SELECT set_config('lock_timeout', %s, false)", (self._lock_timeout,))
+        except psycopg.Error as exc:
+            conn.close()
+            raise StoreUnavailable(f"cannot set up the writer connection: {exc}") from exc
+        self._conn, self._cursor = conn, psycopg.ClientCursor(conn)
+        return self._conn, self._cursor
+
+    def _abandon(self, conn: psycopg.Connection[Any]) -> None:
+        """After a failed statement: roll back, or drop a connection that cannot."""
+        if not conn.closed and not conn.broken:
+            try:
+                if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                    conn.execute("ROLLBACK")
+                return
+            except psycopg.Error as exc:
+                log.info("rollback failed (%s); dropping the writer connection", exc)
+        self.close()
+
+
 class PostgresEventStore(RecorderEventStore):
     """The log in a PostgreSQL table, ``schema.table`` (both created if missing).
 
     Several daemons may share one database; give each deployment its own schema.
-    A dedicated connection LISTENs on the recorder's NOTIFY channel so that waiters wake
+    Appends are group-committed by one writer thread with a connection of its own
+    (outside the pool, which serves reads). A dedicated connection LISTENs on the recorder's NOTIFY channel so that waiters wake
     at once for appends by other processes; the head poll covers the time that
     connection is being re-established.
     """
@@ -664,6 +1027,17 @@ class PostgresEventStore(RecorderEventStore):
                 raise
         super().__init__(recorder, EventCodec(registry, meta_type), poll_interval=poll_interval)
         self._channel = recorder.channel_name
+        self._committer = GroupCommitter(
+            _PostgresBatchWriter(
+                self._connect,
+                schema=schema,
+                table=table,
+                channel=self._channel,
+                lock_timeout=lock_timeout,
+            ),
+            on_commit=self._advance,
+            name=f"{schema}.{table}",
+        )
         self._stopping = threading.Event()
         self._listener: threading.Thread | None = None
         if listen:

@@ -1,0 +1,1 @@
+"""Operations: provisioning scripts and benchmarks (not part of the installed package)."""
