@@ -288,7 +288,8 @@ class ContainerActor(pykka.ThreadingActor):
                           owner=ctx.owner, runtime=extra.get("runtime", ""), name=extra.get("name", ""))
         if isinstance(command, c.CreateContainer):
             self._append(events, ctx)
-            spec = _spec(self.state, self.node_id, extra.get("network", True))
+            spec = _spec(self.state, self.node_id, extra.get("network", True),
+                         bool(extra.get("berth_dir", False)))
             runtime = self._runtime()
             self._run(lambda: runtime.create(spec), self._after_create, future, ctx)
         elif isinstance(command, c.StartContainer):
@@ -540,7 +541,8 @@ def _kill(runtime: rt.Runtime, berth_id: str, signal: str) -> rt.SandboxStatus:
     return status
 
 
-def _spec(state: c.ContainerState | None, node_id: str, network: bool) -> rt.ContainerSpec:
+def _spec(state: c.ContainerState | None, node_id: str, network: bool,
+          berth_dir: bool = False) -> rt.ContainerSpec:
     assert state is not None
     return rt.ContainerSpec(
         berth_id=state.id, node_id=node_id, image=state.image, command=tuple(state.command),
@@ -548,5 +550,5 @@ def _spec(state: c.ContainerState | None, node_id: str, network: bool) -> rt.Con
         mounts=tuple(rt.Mount(m.host_path, m.container_path, m.mode) for m in state.mounts),
         ports=tuple(rt.PortMapping(p.container_port, p.host_port) for p in state.ports),
         limits=rt.Limits(state.limits.memory_mb, state.limits.cpus, state.limits.pids),
-        network=network, labels=dict(state.labels),
+        network=network, labels=dict(state.labels), berth_dir=berth_dir,
     )

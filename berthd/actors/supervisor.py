@@ -90,6 +90,7 @@ class Supervisor:
         self._janitor: threading.Thread | None = None
         self.activations = 0
         self.passivations = 0
+        self.exit_listeners: list[Callable[[rt.ExitNotice], None]] = []  # e.g. the kernels
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -122,13 +123,17 @@ class Supervisor:
     # ------------------------------------------------------------------ commands
 
     def create_container(self, command: c.CreateContainer, ctx: CommandContext,
-                         network: bool = True, output_cap: int = 1 << 20) -> Future[Reply]:
+                         network: bool = True, output_cap: int = 1 << 20, *,
+                         berth_dir: bool = False, berth_id: str | None = None) -> Future[Reply]:
+        """Create (and by default start) a container. ``berth_dir``: give it a directory
+        shared with the host (kernel agents live there); ``berth_id``: the id to use, when
+        the caller recorded it beforehand (a kernel's sandbox)."""
         runtime = command.runtime or self.default_runtime
         if runtime not in self.runtimes:
             raise ValidationError(
                 f"runtime '{runtime}' is not available on this node (available: {', '.join(sorted(self.runtimes))})",
                 field="runtime")
-        berth_id = new_id()
+        berth_id = berth_id or new_id()
         name = command.name or f"berth-{berth_id}"
         with self._names_lock:
             now = time.monotonic()
@@ -141,7 +146,8 @@ class Supervisor:
         with self._lock:
             ref = self._spawn(berth_id, None)
         future: Future[Reply] = self._ask(ref, "handle", command, ctx, new_id=berth_id, runtime=runtime,
-                                          name=name, network=network, output_cap=output_cap)
+                                          name=name, network=network, output_cap=output_cap,
+                                          berth_dir=berth_dir)
         future.add_done_callback(lambda f: self._release_name(name, failed=f.exception() is not None))
         return future
 
@@ -274,6 +280,11 @@ class Supervisor:
         """Called on a runtime's watch thread: have the actor look and record the exit."""
         if self._stop.is_set():
             return
+        for listener in self.exit_listeners:
+            try:
+                listener(notice)
+            except Exception:
+                log.exception("exit listener for %s", notice.berth_id)
         try:
             for _ in range(5):
                 ref = self._get(notice.berth_id)

@@ -29,12 +29,20 @@ from berthd.actors import (
     rfc3339,
     system_clock,
 )
+from berthd.actors.kernel import KernelSupervisor
 from berthd.daemon.config import Config, parse_listen
 from berthd.domain import EVENT_TYPES
 from berthd.domain.node import ApiKeyCreated, NodeStarted, NodeStopped
 from berthd.events import open_store
 from berthd.events.projection import ProjectionRunner
-from berthd.events.readmodels import AuditView, ContainersView, ImagesView, KeysView
+from berthd.events.readmodels import (
+    AuditView,
+    ContainersView,
+    ImagesView,
+    KernelsView,
+    KeysView,
+    ResultsView,
+)
 from berthd.events.store import EventStore
 from berthd.http.app import create_app
 from berthd.http.auth import Authenticator, hash_key
@@ -46,6 +54,9 @@ from berthd.runtime.base import Runtime, RuntimeError_
 __all__ = ["Daemon", "DaemonError", "store_url"]
 
 log = logging.getLogger("berthd")
+
+DEFAULT_KERNEL_IMAGES = {"docker": "python:3.11-slim", "local": "host"}
+"""A kernel's sandbox image unless the request or ``kernel_image`` says otherwise."""
 
 
 class DaemonError(Exception):
@@ -95,7 +106,8 @@ class Daemon:
         self.store = store
 
         containers, images_view, audit, keys = ContainersView(), ImagesView(), AuditView(), KeysView()
-        runner = ProjectionRunner(store, [containers, images_view, audit, keys])
+        kernels_view, results = KernelsView(), ResultsView()
+        runner = ProjectionRunner(store, [containers, images_view, audit, keys, kernels_view, results])
         runner.catch_up()
         runner.start()
         self._push("projections", runner.stop)
@@ -117,6 +129,18 @@ class Daemon:
         counts = supervisor.reconcile(containers.all())
         log.info("reconciled %d containers with the runtimes (%d failed, %d orphans reported)",
                  counts["checked"], counts["failed"], counts["orphans"])
+        kernels = KernelSupervisor(
+            store=store, runtimes=runtimes, default_runtime=default, containers=supervisor, workers=workers,
+            clock=self.clock, node_id=node_id,
+            kernel_images={name: cfg.kernel_image or DEFAULT_KERNEL_IMAGES.get(name, "host")
+                           for name in runtimes},
+            find_container=containers.get, name_taken=kernels_view.name_taken,
+            kernel_of_container=kernels_view.kernel_of, output_cap=cfg.limits.output_cap_bytes,
+        )
+        supervisor.exit_listeners.append(kernels.on_container_exit)
+        self._push("kernels", kernels.stop)
+        kcounts = kernels.reconcile(kernels_view.all())
+        log.info("reconnected %d kernels (%d failed)", kcounts["checked"], kcounts["failed"])
 
         extra_admin: tuple[str, ...] = ()
         env_key = os.environ.get("BERTHD_ADMIN_KEY")
@@ -141,6 +165,7 @@ class Daemon:
                                                        clock=self.clock, node_id=node_id),
             runtimes=runtimes, default_runtime=default, auth=auth, clock=self.clock, node_id=node_id,
             version=berthd.__version__, limits=limits,
+            kernels=kernels, kernels_view=kernels_view, results=results,
         )
         self._listen()
         self._write_endpoints()

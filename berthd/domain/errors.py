@@ -17,6 +17,7 @@ Messages say what to do next. Nothing is appended to the log for a refused comma
     │   └── ResultNotFound          404 RESULT_NOT_FOUND
     ├── MethodNotAllowed            405 METHOD_NOT_ALLOWED
     ├── Conflict                    409 CONFLICT (wrong state, name taken, concurrent write)
+    │   └── DeadKernel              409 KERNEL_DEAD (the interpreter died; restart the kernel)
     ├── PayloadTooLarge             413 PAYLOAD_TOO_LARGE
     ├── UnsupportedMediaType        415 UNSUPPORTED_MEDIA_TYPE
     ├── Unprocessable               422 UNPROCESSABLE (domain refusal)
@@ -36,6 +37,7 @@ __all__ = [
     "Busy",
     "Conflict",
     "ContainerNotFound",
+    "DeadKernel",
     "Forbidden",
     "ImageNotFound",
     "KernelNotFound",
@@ -117,6 +119,10 @@ class MethodNotAllowed(BerthdError):
 
 class Conflict(BerthdError):
     code, status = "CONFLICT", 409
+
+
+class DeadKernel(Conflict):
+    code = "KERNEL_DEAD"
 
 
 class PayloadTooLarge(BerthdError):

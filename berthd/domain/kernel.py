@@ -17,7 +17,7 @@ import msgspec
 
 from berthd.domain.base import Command, Event
 from berthd.domain.container import NAME_RE
-from berthd.domain.errors import Conflict, ValidationError
+from berthd.domain.errors import Conflict, DeadKernel, ValidationError
 from berthd.domain.image import ImageRef
 
 __all__ = [
@@ -95,6 +95,7 @@ class KernelCreateRequested(KernelEvent, frozen=True, kw_only=True):
     profile: str = "default"
     owner: str = "admin"
     created_at: str = ""
+    runtime: str = ""  # the runtime of the sandbox ("" in logs written before it was recorded)
 
 
 class KernelStarted(KernelEvent, frozen=True, kw_only=True):
@@ -185,6 +186,7 @@ class KernelState(msgspec.Struct, frozen=True, kw_only=True):
     last_activity: str = ""
     error: str | None = None
     version: int = 0
+    runtime: str = ""
 
 
 @functools.singledispatch
@@ -198,6 +200,7 @@ def evolve(state: KernelState | None, event: Event) -> KernelState | None:
             id=event.id, name=event.name, language=event.language, container_id=event.container_id,
             own_container=event.own_container, image=event.image, profile=event.profile,
             owner=event.owner, created_at=event.created_at, last_activity=event.created_at, version=1,
+            runtime=event.runtime,
         )
     if state is None:
         return None
@@ -259,7 +262,7 @@ def _(e: KernelDestroyed, s: KernelState) -> KernelState:
 
 def decide(state: KernelState | None, command: Command, *, now: str = "", new_id: str = "",
            owner: str = "admin", name: str = "", container_id: str = "", own_container: bool = True,
-           code_cap: int = 65536) -> list[Event]:
+           code_cap: int = 65536, runtime: str = "", image: str | None = None) -> list[Event]:
     """The events ``command`` causes, or a refusal. Ids, time and the sandbox come from
     the caller so this stays pure."""
     if isinstance(command, CreateKernel):
@@ -267,8 +270,8 @@ def decide(state: KernelState | None, command: Command, *, now: str = "", new_id
             raise Conflict(f"kernel {new_id} already exists", id=new_id)
         return [KernelCreateRequested(
             id=new_id, name=name or command.name or f"kernel-{new_id}", language=command.language,
-            container_id=container_id, own_container=own_container, image=command.image,
-            profile=command.profile, owner=owner, created_at=now,
+            container_id=container_id, own_container=own_container, image=image or command.image,
+            profile=command.profile, owner=owner, created_at=now, runtime=runtime,
         )]
     if state is None:
         raise ValidationError("no such kernel")
@@ -276,8 +279,8 @@ def decide(state: KernelState | None, command: Command, *, now: str = "", new_id
         raise Conflict(f"kernel {state.name} is destroyed", id=state.id, status=state.status)
     if isinstance(command, ExecuteCode):
         if state.status == "dead":
-            raise Conflict(f"kernel {state.name} is dead ({state.error}); restart it", id=state.id,
-                           status=state.status)
+            raise DeadKernel(f"kernel {state.name} is dead ({state.error}); restart it "
+                             f"(POST /v1/kernels/{state.id}/restart)", id=state.id, status=state.status)
         if state.status != "idle":
             raise Conflict(f"kernel {state.name} is {state.status}; retry when it is idle",
                            id=state.id, status=state.status)

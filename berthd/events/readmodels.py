@@ -1,4 +1,4 @@
-"""The read models the HTTP API answers from: containers, images, audit.
+"""The read models the HTTP API answers from: containers, images, audit, kernels, results.
 
 Each is a ``Projection`` fed in log order by the ``ProjectionRunner``. They reuse the
 domain's ``evolve`` so that the read side can never disagree with the write side about
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from berthd.domain import container as c
 from berthd.domain import image as im
+from berthd.domain import kernel as k
 from berthd.domain import node as n
 from berthd.events.projection import Projection
 from berthd.events.store import Recorded
@@ -22,9 +23,12 @@ __all__ = [
     "AuditView",
     "ContainersView",
     "ImagesView",
+    "KernelsView",
     "KeyRecord",
     "KeysView",
     "PulledImage",
+    "ResultsView",
+    "StoredResult",
 ]
 
 
@@ -223,3 +227,101 @@ class KeysView(Projection):
                     revoked=True,
                 )
                 self.by_hash.pop(old.key_hash, None)
+
+
+class KernelsView(Projection):
+    """Every kernel's current state by id, live names -> ids, and container -> kernel."""
+
+    name = "kernels"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.by_id: dict[str, k.KernelState] = {}
+            self.by_name: dict[str, str] = {}
+            self.by_container: dict[str, str] = {}
+
+    def apply(self, rec: Recorded) -> None:
+        if rec.kind != "kernel":
+            return
+        with self._lock:
+            after = k.evolve(self.by_id.get(rec.stream_id), rec.event)
+            if after is None:
+                return
+            self.by_id[rec.stream_id] = after
+            if after.status in k.FINAL:
+                if self.by_name.get(after.name) == after.id:
+                    del self.by_name[after.name]
+                if self.by_container.get(after.container_id) == after.id:
+                    del self.by_container[after.container_id]
+            else:
+                self.by_name[after.name] = after.id
+                self.by_container[after.container_id] = after.id
+
+    def get(self, id_or_name: str) -> k.KernelState | None:
+        state = self.by_id.get(id_or_name)
+        if state is not None:
+            return state
+        kernel_id = self.by_name.get(id_or_name)
+        return self.by_id.get(kernel_id) if kernel_id else None
+
+    def name_taken(self, name: str) -> bool:
+        return name in self.by_name
+
+    def kernel_of(self, container_id: str) -> str | None:
+        return self.by_container.get(container_id)
+
+    def all(self) -> list[k.KernelState]:
+        with self._lock:
+            return list(self.by_id.values())
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(Counter(s.status for s in self.by_id.values()))
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResult:
+    """One execution as the log has it: ``finished`` is None while it runs."""
+
+    result_id: str
+    kernel_id: str
+    owner: str
+    started_at: str
+    finished: k.ExecutionFinished | None = None
+
+
+class ResultsView(Projection):
+    """Executions by result id, from ``ExecutionStarted`` and ``ExecutionFinished``
+    (their output is the log's, capped)."""
+
+    name = "results"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.by_id: dict[str, StoredResult] = {}
+            self._owners: dict[str, str] = {}  # kernel id -> owner
+
+    def apply(self, rec: Recorded) -> None:
+        e = rec.event
+        with self._lock:
+            if isinstance(e, k.KernelCreateRequested):
+                self._owners[rec.stream_id] = e.owner
+            elif isinstance(e, k.ExecutionStarted):
+                self.by_id[e.result_id] = StoredResult(
+                    e.result_id, rec.stream_id, self._owners.get(rec.stream_id, "admin"), e.started_at)
+            elif isinstance(e, k.ExecutionFinished):
+                before = self.by_id.get(e.result_id)
+                self.by_id[e.result_id] = StoredResult(
+                    e.result_id, rec.stream_id, self._owners.get(rec.stream_id, "admin"),
+                    before.started_at if before else "", e)
+
+    def get(self, result_id: str) -> StoredResult | None:
+        return self.by_id.get(result_id)

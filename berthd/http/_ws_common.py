@@ -69,8 +69,8 @@ _FIELD = re.compile(r"at `\$(?P<path>[^`]*)`")
 class Handshake:
     """What ``process_request`` found out before accepting the upgrade."""
 
-    endpoint: str  # "events" | "exec" | "logs"
-    ref: str  # the container id or name ("" for events)
+    endpoint: str  # "events" | "exec" | "logs" | "kernel"
+    ref: str  # the container (kernel, for "kernel") id or name ("" for events)
     principal: Principal
     request_id: str
     correlation_id: str | None

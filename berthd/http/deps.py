@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from berthd.actors import Clock, ImageService, Supervisor
+from berthd.actors.kernel import KernelSupervisor
 from berthd.events.projection import ProjectionRunner
-from berthd.events.readmodels import AuditView, ContainersView, ImagesView
+from berthd.events.readmodels import AuditView, ContainersView, ImagesView, KernelsView, ResultsView
 from berthd.events.store import EventStore
 from berthd.http.auth import Authenticator
 from berthd.runtime.base import Runtime
@@ -46,3 +47,6 @@ class Deps:
     limits: Limits = field(default_factory=Limits)
     ready_checks: dict[str, Callable[[], str]] = field(default_factory=dict)
     info_extra: Callable[[], dict[str, Any]] | None = None
+    kernels: KernelSupervisor | None = None  # None: kernels are not served (503)
+    kernels_view: KernelsView = field(default_factory=KernelsView)
+    results: ResultsView = field(default_factory=ResultsView)

@@ -13,6 +13,7 @@ import swagger_ui_bundle
 
 from berthd.domain import container as c
 from berthd.domain import image as im
+from berthd.domain import kernel as k
 from berthd.http import views as v
 
 __all__ = ["build_openapi", "OpenAPIResource", "DocsResource", "DocsAsset"]
@@ -50,6 +51,8 @@ def _q(name: str, kind: str = "string", desc: str = "") -> dict[str, Any]:
 
 _ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
        "description": "container id or name"}
+_KID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
+        "description": "kernel id or name"}
 _LIST = [_q("limit", "integer"), _q("offset", "integer")]
 
 
@@ -58,6 +61,7 @@ def build_openapi(version: str) -> dict[str, Any]:
         c.CreateContainer, c.StartContainer, c.StopContainer, c.RestartContainer, c.KillContainer,
         c.ExecInContainer, im.PullImage, v.ContainerView, v.ContainerList, v.ExecView, v.ImageView,
         v.ImageList, v.EventView, v.EventList, v.RemovedView, v.ErrorBody,
+        k.CreateKernel, k.ExecuteCode, v.KernelView, v.KernelList, v.ResultView,
     ]
     _, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
     obj = {"type": "object"}
@@ -95,6 +99,25 @@ def build_openapi(version: str) -> dict[str, Any]:
                     "requestBody": {"required": True, "content": {"application/octet-stream": {
                         "schema": {"type": "string", "format": "binary"}}}}},
         },
+        "/v1/kernels": {
+            "post": _op("Create a kernel (python or bash) in a sandbox of its own or a container", 201,
+                        _ref(v.KernelView), k.CreateKernel, errors=(400, 401, 404, 409, 422, 502, 503)),
+            "get": _op("List kernels", 200, _ref(v.KernelList), params=[*_LIST, _q("status")],
+                       errors=(400, 401)),
+        },
+        "/v1/kernels/{id}": {
+            "get": _op("Inspect a kernel", 200, _ref(v.KernelView), params=[_KID]),
+            "delete": _op("Destroy a kernel (and its own sandbox)", 200, _ref(v.KernelView), params=[_KID]),
+        },
+        "/v1/kernels/{id}/execute": {"post": _op(
+            "Run code; 409 KERNEL_DEAD if the kernel died", 200, _ref(v.ResultView), k.ExecuteCode, [_KID])},
+        "/v1/kernels/{id}/restart": {"post": _op("Restart (clears state)", 200, _ref(v.KernelView),
+                                                 params=[_KID])},
+        "/v1/kernels/{id}/interrupt": {"post": _op("Interrupt the running execution", 200, obj,
+                                                   params=[_KID])},
+        "/v1/results/{id}": {"get": _op("An execution's stored result", 200, _ref(v.ResultView), params=[
+            {"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
+             "description": "result id"}], errors=(401, 404))},
         "/v1/events": {"get": _op("The event log from a position", 200, _ref(v.EventList), params=[
             _q("after", "integer"), _q("limit", "integer"), _q("type"), _q("kind"), _q("entity")],
             errors=(400, 401))},

@@ -8,6 +8,7 @@ from typing import Any
 import msgspec
 
 from berthd.domain import container as c
+from berthd.domain import kernel as k
 
 __all__ = [
     "ContainerList",
@@ -18,8 +19,12 @@ __all__ = [
     "ExecView",
     "ImageList",
     "ImageView",
+    "KernelList",
+    "KernelView",
     "RemovedView",
+    "ResultView",
     "container_view",
+    "kernel_view",
 ]
 
 
@@ -120,3 +125,48 @@ class ErrorDetail(msgspec.Struct):
 
 class ErrorBody(msgspec.Struct):
     error: ErrorDetail
+
+
+class KernelView(msgspec.Struct, kw_only=True):
+    id: str
+    name: str
+    language: str
+    status: str
+    container_id: str
+    execution_count: int
+    created_at: str
+    last_activity: str
+    runtime: str = ""
+    error: str | None = None
+
+
+def kernel_view(s: k.KernelState) -> KernelView:
+    return KernelView(
+        id=s.id, name=s.name, language=s.language, status=s.status, container_id=s.container_id,
+        execution_count=s.execution_count, created_at=s.created_at, last_activity=s.last_activity,
+        runtime=s.runtime, error=s.error,
+    )
+
+
+class KernelList(msgspec.Struct):
+    items: list[KernelView]
+    total: int
+    limit: int
+    offset: int
+
+
+class ResultView(msgspec.Struct, kw_only=True):
+    """An execution's result (API.md's fields, plus ``result_id``, ``kernel_id`` and, for
+    bash, ``exit_code``). ``status`` is ``running`` while it runs."""
+
+    status: str
+    stdout: str
+    stderr: str
+    return_value: str | None
+    execution_count: int
+    duration_ms: float
+    truncated: bool
+    error: k.ExecutionError | None
+    result_id: str
+    kernel_id: str = ""
+    exit_code: int | None = None

@@ -11,6 +11,7 @@ Endpoints (API.md, "Streaming"; frame formats in each helper module's docstring)
   ``after``, then live; ``after`` omitted = live only, from the head at connection time;
   ``type``, ``kind``, ``entity`` take comma-separated (or repeated) values.
 - ``/v1/containers/{id_or_name}/exec`` (``berthd.http._ws_exec``).
+- ``/v1/kernels/{id_or_name}/execute`` (``berthd.http._ws_kernel``).
 - ``/v1/containers/{id_or_name}/logs?follow=&tail=`` (``berthd.http._ws_logs``).
 
 Everything a client can get wrong in the URL is answered before the upgrade, as HTTP
@@ -59,6 +60,7 @@ from berthd.http._ws_common import (
 )
 from berthd.http._ws_events import parse_events_query, serve_events
 from berthd.http._ws_exec import serve_exec
+from berthd.http._ws_kernel import serve_kernel
 from berthd.http._ws_logs import parse_logs_query, serve_logs
 from berthd.http.auth import SOCKET_PRINCIPAL, Authenticator, Principal
 from berthd.http.deps import Deps
@@ -71,7 +73,9 @@ _CONTAINER_PATH = re.compile(r"^/v1/containers/(?P<ref>[^/]+)/(?P<endpoint>exec|
 _ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")  # as the HTTP API accepts correlation ids
 
 _Handler = Callable[[Shared, ServerConnection, Handshake], Awaitable[None]]
-_HANDLERS: dict[str, _Handler] = {"events": serve_events, "exec": serve_exec, "logs": serve_logs}
+_KERNEL_PATH = re.compile(r"^/v1/kernels/(?P<ref>[^/]+)/execute$")
+_HANDLERS: dict[str, _Handler] = {"events": serve_events, "exec": serve_exec, "logs": serve_logs,
+                                  "kernel": serve_kernel}
 
 
 class WebSocketServer:
@@ -313,9 +317,14 @@ def _process_response(conn: ServerConnection, request: Request, response: Respon
 
 
 def _route(path: str) -> tuple[str, str]:
-    """("events" | "exec" | "logs", container ref) or ("", "") for an unknown path."""
+    """("events" | "exec" | "logs", container ref), ("kernel", kernel ref) or ("", "") for
+    an unknown path."""
     if path == "/v1/events":
         return "events", ""
+    kernel = _KERNEL_PATH.match(path)
+    if kernel is not None:
+        ref = unquote(kernel.group("ref"))
+        return ("kernel", ref) if ref else ("", "")
     match = _CONTAINER_PATH.match(path)
     if match is None:
         return "", ""

@@ -31,8 +31,10 @@ class ContainerCollection:
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         cmd = decode_body(req, c.CreateContainer, self.deps.limits.max_body_bytes)
         ctx = context_of(req)
+        # on Docker every container gets a shared directory, so a kernel can join it later
+        berth_dir = (cmd.runtime or self.deps.default_runtime) == "docker"
         reply = outcome(self.deps, self.deps.supervisor.create_container(
-            cmd, ctx, output_cap=self.deps.limits.output_cap_bytes))
+            cmd, ctx, output_cap=self.deps.limits.output_cap_bytes, berth_dir=berth_dir))
         send_json(resp, container_view(fresh_container(self.deps, reply)), falcon.HTTP_201)
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:

@@ -73,6 +73,8 @@ def info(deps: Deps) -> dict[str, object]:
         "isolation": default.isolation,
         "counts": {
             "containers": deps.containers.counts(),
+            "kernels": deps.kernels_view.counts(),
+            "kernel_actors": deps.kernels.live_actors if deps.kernels is not None else 0,
             "actors": deps.supervisor.live_actors,
             "activations": deps.supervisor.activations,
             "passivations": deps.supervisor.passivations,

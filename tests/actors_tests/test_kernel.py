@@ -1,0 +1,236 @@
+"""Kernel actors on the fake runtime (whose main commands are real host processes, so the
+agent really runs) and the in-memory log: intent then outcome, caps, death, reconnection."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from berthd.actors import CommandContext, Supervisor, system_clock
+from berthd.actors.kernel import KernelSupervisor
+from berthd.domain import EVENT_TYPES
+from berthd.domain import kernel as k
+from berthd.domain.errors import Conflict, DeadKernel, KernelNotFound, Unprocessable
+from berthd.events import open_store
+from berthd.events.store import EventStore
+from berthd.runtime.fake import FakeRuntime
+
+CTX = CommandContext(principal="k1", owner="k1", is_admin=False, correlation_id="corr-k")
+NODE = "node0kernel0"
+
+
+@pytest.fixture
+def store() -> Iterator[EventStore]:
+    s = open_store("memory", EVENT_TYPES)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def runtime() -> Iterator[FakeRuntime]:
+    r = FakeRuntime(NODE)
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def workers() -> Iterator[ThreadPoolExecutor]:
+    w = ThreadPoolExecutor(max_workers=32)
+    yield w
+    w.shutdown(wait=False, cancel_futures=True)
+
+
+@pytest.fixture
+def containers(store: EventStore, runtime: FakeRuntime, workers: ThreadPoolExecutor) -> Iterator[Supervisor]:
+    sup = Supervisor(store=store, runtimes={"fake": runtime}, default_runtime="fake", workers=workers,
+                     clock=system_clock, node_id=NODE, name_taken=lambda _n: False)
+    sup.start()
+    yield sup
+    sup.stop()
+
+
+def kernels_for(store: EventStore, runtime: FakeRuntime, workers: ThreadPoolExecutor, containers: Supervisor,
+                **kw: int) -> KernelSupervisor:
+    names: set[str] = set()
+    return KernelSupervisor(
+        store=store, runtimes={"fake": runtime}, default_runtime="fake", containers=containers,
+        workers=workers, clock=system_clock, node_id=NODE, kernel_images={"fake": "host"},
+        find_container=lambda ref: containers.container_state(ref), name_taken=names.__contains__, **kw)
+
+
+@pytest.fixture
+def kernels(store: EventStore, runtime: FakeRuntime, workers: ThreadPoolExecutor,
+            containers: Supervisor) -> Iterator[KernelSupervisor]:
+    sup = kernels_for(store, runtime, workers, containers)
+    yield sup
+    for state in list(_kernels(store)):
+        if state.status != "destroyed":
+            try:
+                sup.kernel_command(state.id, k.DestroyKernel(), CTX).result(timeout=30)
+            except Exception:
+                pass
+    sup.stop()
+
+
+def _kernels(store: EventStore) -> Iterator[k.KernelState]:
+    ids = {r.stream_id for r in store.read_all() if r.kind == "kernel"}
+    for stream in ids:
+        state = k.replay(r.event for r in store.read_stream(stream))
+        if state is not None:
+            yield state
+
+
+def types(store: EventStore, stream: str) -> list[str]:
+    return [r.type for r in store.read_stream(stream)]
+
+
+def create(kernels: KernelSupervisor, language: str = "python") -> k.KernelState:
+    state: k.KernelState = kernels.create_kernel(k.CreateKernel(language=language), CTX).result(timeout=60).state  # type: ignore[arg-type]
+    return state
+
+
+def run(kernels: KernelSupervisor, kernel_id: str, code: str, **kw: object) -> object:
+    return kernels.kernel_command(kernel_id, k.ExecuteCode(code=code, **kw), CTX).result(timeout=60).result  # type: ignore[arg-type]
+
+
+def test_create_goes_through_the_container_path(kernels: KernelSupervisor, store: EventStore) -> None:
+    state = create(kernels)
+    assert state.status == "idle" and state.owner == "k1" and state.runtime == "fake"
+    assert types(store, state.id) == ["KernelCreateRequested", "KernelStarted"]
+    assert types(store, state.container_id) == ["ContainerCreateRequested", "ContainerCreated",
+                                                "ContainerStartRequested", "ContainerStarted"]
+    result = run(kernels, state.id, "1+1")
+    assert result.return_value == "2" and result.status == "ok"  # type: ignore[attr-defined]
+    assert types(store, state.id)[-2:] == ["ExecutionStarted", "ExecutionFinished"]
+    finished = store.read_stream(state.id)[-1]
+    assert finished.event.return_value == "2" and finished.meta.correlation_id == "corr-k"
+
+
+def test_output_is_capped_on_the_log_not_in_the_answer(store: EventStore, runtime: FakeRuntime,
+                                                       workers: ThreadPoolExecutor, containers: Supervisor) -> None:
+    kernels = kernels_for(store, runtime, workers, containers, log_cap=100)
+    try:
+        state = create(kernels)
+        result = run(kernels, state.id, "print('a' * 1000)")
+        assert len(result.stdout) == 1001 and not result.truncated  # type: ignore[attr-defined]
+        finished = store.read_stream(state.id)[-1].event
+        assert isinstance(finished, k.ExecutionFinished)
+        assert len(finished.stdout) == 100 and finished.truncated
+        kernels.kernel_command(state.id, k.DestroyKernel(), CTX).result(timeout=30)
+    finally:
+        kernels.stop()
+
+
+def test_a_dead_sandbox_is_found_at_the_next_execute(kernels: KernelSupervisor, store: EventStore,
+                                                     runtime: FakeRuntime) -> None:
+    state = create(kernels)
+    run(kernels, state.id, "1")
+    runtime.exit_behind_our_back(state.container_id, 137)  # the exit hook is not wired here
+    with pytest.raises(DeadKernel):
+        kernels.kernel_command(state.id, k.ExecuteCode(code="2"), CTX).result(timeout=30)
+    assert types(store, state.id)[-3:] == ["ExecutionStarted", "ExecutionFinished", "KernelDied"]
+    assert store.read_stream(state.id)[-2].event.status == "dead"
+    with pytest.raises(DeadKernel):  # refused at once now, nothing appended
+        kernels.kernel_command(state.id, k.ExecuteCode(code="3"), CTX).result(timeout=30)
+    assert types(store, state.id)[-1] == "KernelDied"
+    # restart starts its container again: a fresh interpreter
+    restarted = kernels.kernel_command(state.id, k.RestartKernel(), CTX).result(timeout=60)
+    assert restarted.state.status == "idle"
+    assert run(kernels, state.id, "5").return_value == "5"  # type: ignore[attr-defined]
+
+
+def test_container_exit_is_routed_to_its_kernel(kernels: KernelSupervisor, containers: Supervisor,
+                                                store: EventStore, runtime: FakeRuntime) -> None:
+    containers.exit_listeners.append(kernels.on_container_exit)
+    kernels.kernel_of_container = lambda cid: next(
+        (s.id for s in _kernels(store) if s.container_id == cid), None)
+    state = create(kernels)
+    runtime.exit_behind_our_back(state.container_id, 137)
+    deadline = time.monotonic() + 10
+    while "KernelDied" not in types(store, state.id):
+        assert time.monotonic() < deadline, types(store, state.id)
+        time.sleep(0.02)
+
+
+def test_interrupt_while_running_and_busy_refusal(kernels: KernelSupervisor, store: EventStore) -> None:
+    state = create(kernels)
+    long = kernels.kernel_command(state.id, k.ExecuteCode(code="import time\ntime.sleep(30)"), CTX)
+    deadline = time.monotonic() + 5
+    while kernels.kernel_command(state.id, k.InterruptKernel(), CTX).result(timeout=10).result is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    result = long.result(timeout=15).result
+    assert result.status == "error" and result.error.ename == "KeyboardInterrupt"
+    before = len(types(store, state.id))
+    blocker = kernels.kernel_command(state.id, k.ExecuteCode(code="import time\ntime.sleep(1)"), CTX)
+    with pytest.raises(Conflict):
+        kernels.kernel_command(state.id, k.ExecuteCode(code="1"), CTX).result(timeout=10)
+    blocker.result(timeout=15)
+    assert len(types(store, state.id)) == before + 2  # the blocker's intent and outcome only
+
+
+def test_state_survives_a_new_supervisor_and_open_executions_are_finished(
+        store: EventStore, runtime: FakeRuntime, workers: ThreadPoolExecutor, containers: Supervisor) -> None:
+    first = kernels_for(store, runtime, workers, containers)
+    state = create(first)
+    run(first, state.id, "x = 41")
+    first.kernel_command(state.id, k.ExecuteCode(code="import time\ntime.sleep(0.5)\nprint('late')"), CTX)
+    time.sleep(0.1)
+    first.stop()  # the daemon "dies": the running execution is not recorded by it
+    assert types(store, state.id)[-1] == "ExecutionStarted"
+    second = kernels_for(store, runtime, workers, containers)
+    try:
+        assert second.reconcile(_kernels(store)) == {"checked": 1, "failed": 0}
+        deadline = time.monotonic() + 10
+        while types(store, state.id)[-1] != "ExecutionFinished":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert store.read_stream(state.id)[-1].event.stdout == "late\n"
+        assert run(second, state.id, "x + 1").return_value == "42"  # type: ignore[attr-defined]
+        second.kernel_command(state.id, k.DestroyKernel(), CTX).result(timeout=30)
+    finally:
+        second.stop()
+
+
+def test_destroy_removes_its_own_container(kernels: KernelSupervisor, store: EventStore) -> None:
+    state = create(kernels)
+    reply = kernels.kernel_command(state.id, k.DestroyKernel(), CTX).result(timeout=30)
+    assert reply.state.status == "destroyed"
+    assert types(store, state.id)[-2:] == ["KernelDestroyRequested", "KernelDestroyed"]
+    assert types(store, state.container_id)[-1] == "ContainerRemoved"
+
+
+def test_unknown_kernel_and_local_join_are_refused(kernels: KernelSupervisor, containers: Supervisor,
+                                                   store: EventStore) -> None:
+    with pytest.raises(KernelNotFound):
+        kernels.kernel_command("nope", k.ExecuteCode(code="1"), CTX)
+    from berthd.domain import container as c
+    box = containers.create_container(c.CreateContainer(image="host", command=["sleep", "30"]), CTX,
+                                      berth_dir=True).result(timeout=30).state
+    before = store.head()
+    with pytest.raises(Unprocessable):  # the fake, like the local runtime, keeps no detached exec
+        kernels.create_kernel(k.CreateKernel(container=box.id), CTX)
+    assert store.head() == before
+    containers.container_command(box.id, c.RemoveContainer(force=True), CTX).result(timeout=30)
+
+
+def test_concurrent_creates_with_one_name_one_wins(kernels: KernelSupervisor) -> None:
+    errors: list[BaseException] = []
+    done: list[k.KernelState] = []
+
+    def go() -> None:
+        try:
+            done.append(kernels.create_kernel(k.CreateKernel(name="same"), CTX).result(timeout=60).state)
+        except Conflict as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=go) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(done) == 1 and len(errors) == 1
