@@ -44,6 +44,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     node_id: str = ""  # default: generated once and kept in DATA_DIR/node-id
     sandbox_dir: str = ""  # local runtime root; default DATA_DIR/sandboxes, as root /var/lib/berthd/sandboxes/NODE
     passivate_after: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+    pool_size: Annotated[int, msgspec.Meta(ge=0, le=64)] = 2  # warm sandboxes per (runtime, image, profile)
+    pool_image: str = ""  # /v1/run's default image: "" = host on local, busybox:latest on docker
     kernel_image: str = ""  # default image of a kernel's sandbox: "" = python:3.11-slim on docker, host on local
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
@@ -61,6 +63,7 @@ ENV_FIELDS = {
     "BERTHD_SANDBOX_DIR": "sandbox_dir",
     "BERTHD_PASSIVATE_AFTER": "passivate_after",
     "BERTHD_KERNEL_IMAGE": "kernel_image",
+    "BERTHD_POOL_IMAGE": "pool_image",
     "BERTHD_LOG_LEVEL": "log_level",
 }
 """``BERTHD_*`` variables that set a field (``BERTHD_HOME`` is an alias of the data dir;

@@ -30,6 +30,7 @@ from berthd.actors import (
     system_clock,
 )
 from berthd.actors.kernel import KernelSupervisor
+from berthd.actors.pool import PoolKey, WarmPool
 from berthd.daemon.config import Config, parse_listen
 from berthd.domain import EVENT_TYPES
 from berthd.domain.node import ApiKeyCreated, NodeStarted, NodeStopped
@@ -142,6 +143,14 @@ class Daemon:
         kcounts = kernels.reconcile(kernels_view.all())
         log.info("reconnected %d kernels (%d failed)", kcounts["checked"], kcounts["failed"])
 
+        pool_image = cfg.pool_image or ("host" if default == "local" else "busybox:latest")
+        pool = WarmPool(supervisor, containers, default_image=pool_image, size=cfg.pool_size,
+                        # warm at start what surely exists: the host image, or an image the operator named
+                        warm=[PoolKey(default, pool_image)] if cfg.pool_size and (default == "local" or cfg.pool_image)
+                        else [])
+        pool.start()
+        self._push("pool", pool.stop)
+
         extra_admin: tuple[str, ...] = ()
         env_key = os.environ.get("BERTHD_ADMIN_KEY")
         if env_key:
@@ -165,7 +174,7 @@ class Daemon:
                                                        clock=self.clock, node_id=node_id),
             runtimes=runtimes, default_runtime=default, auth=auth, clock=self.clock, node_id=node_id,
             version=berthd.__version__, limits=limits,
-            kernels=kernels, kernels_view=kernels_view, results=results,
+            kernels=kernels, kernels_view=kernels_view, results=results, pool=pool,
         )
         self._listen()
         self._write_endpoints()

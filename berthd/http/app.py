@@ -11,7 +11,7 @@ from berthd.http.deps import Deps
 from berthd.http.errors import register_error_handlers
 from berthd.http.middleware import AuthMiddleware, RequestIds
 from berthd.http.openapi import DocsAsset, DocsResource, OpenAPIResource
-from berthd.http.resources import containers, events, images, kernels, system
+from berthd.http.resources import containers, events, images, kernels, run, system
 
 __all__ = ["create_app"]
 
@@ -42,6 +42,8 @@ def create_app(deps: Deps) -> falcon.App[Any, Any]:
     app.add_route("/v1/containers/{id}/files", containers.ContainerFiles(deps))
     app.add_route("/v1/containers/{id}/{action}", containers.ContainerAction(deps))
 
+    if deps.pool is not None:
+        app.add_route("/v1/run", run.RunResource(deps, deps.pool))
     app.add_route("/v1/kernels", kernels.KernelCollection(deps))
     app.add_route("/v1/kernels/{id}", kernels.KernelItem(deps))
     app.add_route("/v1/kernels/{id}/{action}", kernels.KernelAction(deps))

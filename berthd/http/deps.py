@@ -8,6 +8,7 @@ from typing import Any
 
 from berthd.actors import Clock, ImageService, Supervisor
 from berthd.actors.kernel import KernelSupervisor
+from berthd.actors.pool import WarmPool
 from berthd.events.projection import ProjectionRunner
 from berthd.events.readmodels import AuditView, ContainersView, ImagesView, KernelsView, ResultsView
 from berthd.events.store import EventStore
@@ -47,6 +48,7 @@ class Deps:
     limits: Limits = field(default_factory=Limits)
     ready_checks: dict[str, Callable[[], str]] = field(default_factory=dict)
     info_extra: Callable[[], dict[str, Any]] | None = None
+    pool: WarmPool | None = None  # None: /v1/run is not served
     kernels: KernelSupervisor | None = None  # None: kernels are not served (503)
     kernels_view: KernelsView = field(default_factory=KernelsView)
     results: ResultsView = field(default_factory=ResultsView)

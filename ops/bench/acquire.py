@@ -41,12 +41,8 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 
 import requests
 
-from berthd.actors.pool import PoolKey, WarmPool
 from berthd.daemon.config import Config
 from berthd.daemon.lifecycle import Daemon
-from berthd.http.app import create_app
-from berthd.http.resources.run import RunResource
-from berthd.http.server import HttpServers
 from ops.bench._common import environment, format_table, percentile, write_json
 
 DEFAULT_IMAGE = os.environ.get("BERTHD_TEST_IMAGE", "berthd-test/busybox:latest")
@@ -55,48 +51,16 @@ DEFAULT_IMAGE = os.environ.get("BERTHD_TEST_IMAGE", "berthd-test/busybox:latest"
 # ---------------------------------------------------------------------- the daemon
 
 
-class PooledDaemon(Daemon):
-    """The daemon with the warm pool and /v1/run wired in, HTTP on loopback only; used
-    until ``lifecycle.py`` and ``app.py`` do that wiring themselves."""
-
-    pool_image = DEFAULT_IMAGE
-    pool_size = 4
-
-    def _listen(self) -> None:
-        deps = self.deps
-        assert deps is not None
-        image = "host" if deps.default_runtime == "local" else self.pool_image
-        pool = WarmPool(
-            deps.supervisor,
-            deps.containers,
-            default_image=image,
-            size=self.pool_size,
-            warm=[PoolKey(deps.default_runtime, image)],
-        )
-        pool.start()
-        self._push("pool", pool.stop)
-        deps.info_extra = lambda: {"pool": pool.stats()}
-        app = create_app(deps)
-        if app._router.find("/v1/run") is None:  # not wired by the daemon yet
-            app.add_route("/v1/run", RunResource(deps, pool))
-        self.http = HttpServers(app, "127.0.0.1", 0, None)
-        self.http.start()
-        self._push("http", self.http.stop)
-        assert self.http.tcp_address is not None
-        host, port = self.http.tcp_address
-        self.endpoints = {"http": f"{host}:{port}"}
-
-
 def serve(data_dir: str, runtime: str, image: str, size: int) -> int:
-    """``--serve``: run a pooled daemon until SIGTERM (the bench's subprocess)."""
+    """``--serve``: run a daemon with a warm pool of ``image`` until SIGTERM (the bench's subprocess)."""
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    daemon = PooledDaemon(Config(data_dir=data_dir, runtime=runtime, socket=False))  # type: ignore[arg-type]
-    daemon.pool_image, daemon.pool_size = image, size
+    daemon = Daemon(Config(data_dir=data_dir, runtime=runtime, socket=False,  # type: ignore[arg-type]
+                           listen="127.0.0.1:0", ws_listen="127.0.0.1:0", pool_image=image, pool_size=size))
     daemon.start()
     daemon.serve_until(stop)
     return 0

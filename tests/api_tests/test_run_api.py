@@ -1,8 +1,5 @@
 """POST /v1/run over HTTP on a real daemon (in this process), on the local runtime and on
-Docker: the sandbox comes from the warm pool, the command runs, the sandbox is removed.
-
-Until the daemon itself creates the pool and routes /v1/run, ``PooledDaemon`` does that
-wiring here (the same lines as proposed for ``lifecycle.py`` and ``app.py``)."""
+Docker: the sandbox comes from the warm pool, the command runs, the sandbox is removed."""
 
 from __future__ import annotations
 
@@ -14,44 +11,14 @@ from typing import Any
 import pytest
 import requests
 
-from berthd.actors.pool import POOL_LABEL, PoolKey, WarmPool
+from berthd.actors.pool import POOL_LABEL
 from berthd.daemon.config import Config
 from berthd.daemon.lifecycle import Daemon
-from berthd.http.app import create_app
-from berthd.http.resources.run import RunResource
-from berthd.http.server import HttpServers
 from tests.conftest import BUSYBOX_IMAGE
 
 
-class PooledDaemon(Daemon):
-    """The daemon with the warm pool and /v1/run wired in (HTTP on loopback only)."""
-
-    pool_image = "host"
-    pool: WarmPool
-
-    def _listen(self) -> None:
-        deps = self.deps
-        assert deps is not None
-        image = "host" if deps.default_runtime == "local" else self.pool_image
-        pool = WarmPool(deps.supervisor, deps.containers, default_image=image, size=2,
-                        warm=[PoolKey(deps.default_runtime, image)])
-        pool.start()
-        self._push("pool", pool.stop)
-        self.pool = pool
-        deps.info_extra = lambda: {"pool": pool.stats()}
-        app = create_app(deps)
-        if app._router.find("/v1/run") is None:  # not wired by the daemon yet
-            app.add_route("/v1/run", RunResource(deps, pool))
-        self.http = HttpServers(app, "127.0.0.1", 0, None)
-        self.http.start()
-        self._push("http", self.http.stop)
-        assert self.http.tcp_address is not None
-        host, port = self.http.tcp_address
-        self.endpoints = {"http": f"{host}:{port}"}
-
-
 class Client:
-    def __init__(self, daemon: PooledDaemon, image: str) -> None:
+    def __init__(self, daemon: Daemon, image: str) -> None:
         self.daemon = daemon
         self.image = image
         self.base = f"http://{daemon.endpoints['http']}"
@@ -91,11 +58,12 @@ def client(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     if runtime == "docker":
         request.getfixturevalue("docker_client")
     data = pathlib.Path(tmp_path_factory.mktemp(f"run-{runtime}")) / "data"
-    daemon = PooledDaemon(Config(data_dir=str(data), runtime=runtime, socket=False))  # type: ignore[arg-type]
-    daemon.pool_image = BUSYBOX_IMAGE
+    image = "host" if runtime == "local" else BUSYBOX_IMAGE
+    daemon = Daemon(Config(data_dir=str(data), runtime=runtime, socket=False, pool_image=image,  # type: ignore[arg-type]
+                           listen="127.0.0.1:0", ws_listen="127.0.0.1:0"))
     daemon.start()
     try:
-        c = Client(daemon, "host" if runtime == "local" else BUSYBOX_IMAGE)
+        c = Client(daemon, image)
         eventually(lambda: c.pool_stats()["available"] >= 2, 60)
         yield c
     finally:

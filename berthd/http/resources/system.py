@@ -84,6 +84,8 @@ def info(deps: Deps) -> dict[str, object]:
     }
     if default.isolation == "none":
         out["warnings"] = ["isolation: none — local sandboxes are plain processes; install bubblewrap"]
+    if deps.pool is not None:
+        out["pool"] = deps.pool.stats()
     if deps.info_extra is not None:
         out.update(deps.info_extra())
     return out
