@@ -13,8 +13,9 @@ from typing import Annotated, Literal
 import falcon
 import msgspec
 
-from berthd.actors.pool import WarmPool
+from berthd.actors.pool import PoolKey, WarmPool
 from berthd.domain import container as c
+from berthd.domain.errors import ValidationError
 from berthd.domain.image import ImageRef
 from berthd.http.deps import Deps
 from berthd.http.resources._common import context_of
@@ -32,6 +33,7 @@ class RunRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     timeout: Annotated[float, msgspec.Meta(gt=0, le=86400)] | None = None
     stdin: Annotated[str, msgspec.Meta(max_length=16 << 20)] | None = None
     fast: bool = True
+    runtime: Literal["docker", "local"] | None = None  # extension: default the daemon's
 
 
 class RunView(msgspec.Struct, kw_only=True):
@@ -60,7 +62,7 @@ class RunResource:
         ctx = context_of(req)
         command = c.ExecInContainer(command=body.command, stdin=body.stdin, timeout=timeout)
         lease, out = self.pool.run(
-            self.pool.key(body.image, body.profile), command, ctx, fast=body.fast,
+            self._key(body), command, ctx, fast=body.fast,
             output_cap=self.deps.limits.output_cap_bytes, wait=cap + 30.0)
         r = out.result
         send_json(resp, RunView(
@@ -69,3 +71,11 @@ class RunResource:
             truncated=r.truncated, timed_out=r.timed_out, container_id=lease.container_id,
             pool=lease.source, total_ms=round((time.monotonic() - started) * 1000, 3),
         ))
+
+    def _key(self, body: RunRequest) -> PoolKey:
+        runtime = body.runtime or self.deps.default_runtime
+        if runtime not in self.deps.runtimes:
+            raise ValidationError(f"runtime '{runtime}' is not available on this node", field="runtime")
+        fallback = "host" if runtime == "local" else "busybox:latest"
+        image = body.image or (self.pool.default_image if runtime == self.deps.default_runtime else fallback)
+        return self.pool.key(image, body.profile, runtime)
