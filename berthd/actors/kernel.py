@@ -331,7 +331,7 @@ class KernelActor(pykka.ThreadingActor):
 
     def _check(self) -> None:
         s = self.state
-        if s is None or s.status not in ("idle", "busy"):
+        if s is None or s.status not in ("idle", "busy") or s.destroying:
             return
 
         runtime = self._runtime()
@@ -350,7 +350,7 @@ class KernelActor(pykka.ThreadingActor):
 
         def then(_v: Any, err: BaseException | None) -> tuple[list[Event], Any, BaseException | None]:
             if isinstance(err, AgentUnavailable) and self.state is not None \
-                    and self.state.status in ("idle", "busy"):
+                    and self.state.status in ("idle", "busy") and not self.state.destroying:
                 return self._died(f"its container stopped: {err}"), None, None
             return [], None, None
 

@@ -187,6 +187,7 @@ class KernelState(msgspec.Struct, frozen=True, kw_only=True):
     error: str | None = None
     version: int = 0
     runtime: str = ""
+    destroying: bool = False  # a destroy is in flight: its container's exit is not a death
 
 
 @functools.singledispatch
@@ -253,6 +254,11 @@ def _(e: KernelDied, s: KernelState) -> KernelState:
 
 
 @_apply.register
+def _(e: KernelDestroyRequested, s: KernelState) -> KernelState:
+    return _r(s, destroying=True)
+
+
+@_apply.register
 def _(e: KernelDestroyed, s: KernelState) -> KernelState:
     return _r(s, status="destroyed", current=None)
 
@@ -277,6 +283,8 @@ def decide(state: KernelState | None, command: Command, *, now: str = "", new_id
         raise ValidationError("no such kernel")
     if state.status in FINAL:
         raise Conflict(f"kernel {state.name} is destroyed", id=state.id, status=state.status)
+    if state.destroying and not isinstance(command, DestroyKernel):
+        raise Conflict(f"kernel {state.name} is being destroyed", id=state.id, status=state.status)
     if isinstance(command, ExecuteCode):
         if state.status == "dead":
             raise DeadKernel(f"kernel {state.name} is dead ({state.error}); restart it "
