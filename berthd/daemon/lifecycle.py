@@ -31,6 +31,7 @@ from berthd.actors import (
 )
 from berthd.actors.kernel import KernelSupervisor
 from berthd.actors.pool import PoolKey, WarmPool
+from berthd.actors.session import SessionSupervisor
 from berthd.daemon.config import Config, parse_listen
 from berthd.domain import EVENT_TYPES
 from berthd.domain.node import ApiKeyCreated, NodeStarted, NodeStopped
@@ -43,6 +44,7 @@ from berthd.events.readmodels import (
     KernelsView,
     KeysView,
     ResultsView,
+    SessionsView,
 )
 from berthd.events.store import EventStore
 from berthd.http.app import create_app
@@ -72,9 +74,10 @@ def store_url(config: Config) -> str:
 
 class Daemon:
     def __init__(self, config: Config, *, runtimes: dict[str, Runtime] | None = None,
-                 clock: Clock = system_clock, out: TextIO | None = None) -> None:
+                 clock: Clock = system_clock, out: TextIO | None = None, session_tick: float = 1.0) -> None:
         self.config = config
         self.clock = clock
+        self.session_tick = session_tick  # seconds between looks for expired sessions
         self.out = out
         self._given_runtimes = runtimes
         self.data_dir = pathlib.Path(config.data_dir).expanduser().resolve()
@@ -107,8 +110,9 @@ class Daemon:
         self.store = store
 
         containers, images_view, audit, keys = ContainersView(), ImagesView(), AuditView(), KeysView()
-        kernels_view, results = KernelsView(), ResultsView()
-        runner = ProjectionRunner(store, [containers, images_view, audit, keys, kernels_view, results])
+        kernels_view, results, sessions_view = KernelsView(), ResultsView(), SessionsView()
+        runner = ProjectionRunner(store, [containers, images_view, audit, keys, kernels_view, results,
+                                          sessions_view])
         runner.catch_up()
         runner.start()
         self._push("projections", runner.stop)
@@ -142,6 +146,14 @@ class Daemon:
         self._push("kernels", kernels.stop)
         kcounts = kernels.reconcile(kernels_view.all())
         log.info("reconnected %d kernels (%d failed)", kcounts["checked"], kcounts["failed"])
+        sessions = SessionSupervisor(
+            store=store, kernels=kernels, containers=supervisor, workers=workers, clock=self.clock,
+            node_id=node_id, name_taken=sessions_view.name_taken, active=sessions_view.active,
+            output_cap=cfg.limits.output_cap_bytes, tick=self.session_tick,
+        )
+        self._push("sessions", sessions.stop)
+        sessions.start()  # sessions due while the daemon was down expire now; the timer does the rest
+        log.info("sessions: %d expired at start", sessions.expired)
 
         pool_image = cfg.pool_image or ("host" if default == "local" else "busybox:latest")
         pool = WarmPool(supervisor, containers, default_image=pool_image, size=cfg.pool_size,
@@ -175,6 +187,7 @@ class Daemon:
             runtimes=runtimes, default_runtime=default, auth=auth, clock=self.clock, node_id=node_id,
             version=berthd.__version__, limits=limits,
             kernels=kernels, kernels_view=kernels_view, results=results, pool=pool,
+            sessions=sessions, sessions_view=sessions_view,
         )
         self._listen()
         self._write_endpoints()

@@ -17,7 +17,8 @@ Messages say what to do next. Nothing is appended to the log for a refused comma
     │   └── ResultNotFound          404 RESULT_NOT_FOUND
     ├── MethodNotAllowed            405 METHOD_NOT_ALLOWED
     ├── Conflict                    409 CONFLICT (wrong state, name taken, concurrent write)
-    │   └── DeadKernel              409 KERNEL_DEAD (the interpreter died; restart the kernel)
+    │   ├── DeadKernel              409 KERNEL_DEAD (the interpreter died; restart the kernel)
+    │   └── ExpiredSession          409 SESSION_EXPIRED (past its TTL; open a new session)
     ├── PayloadTooLarge             413 PAYLOAD_TOO_LARGE
     ├── UnsupportedMediaType        415 UNSUPPORTED_MEDIA_TYPE
     ├── Unprocessable               422 UNPROCESSABLE (domain refusal)
@@ -38,6 +39,7 @@ __all__ = [
     "Conflict",
     "ContainerNotFound",
     "DeadKernel",
+    "ExpiredSession",
     "Forbidden",
     "ImageNotFound",
     "KernelNotFound",
@@ -123,6 +125,10 @@ class Conflict(BerthdError):
 
 class DeadKernel(Conflict):
     code = "KERNEL_DEAD"
+
+
+class ExpiredSession(Conflict):
+    code = "SESSION_EXPIRED"
 
 
 class PayloadTooLarge(BerthdError):

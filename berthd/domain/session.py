@@ -19,7 +19,7 @@ import msgspec
 
 from berthd.domain.base import Command, Event
 from berthd.domain.container import NAME_RE, NoNul
-from berthd.domain.errors import Conflict, PolicyDenied, ValidationError
+from berthd.domain.errors import Conflict, ExpiredSession, PolicyDenied, ValidationError
 from berthd.domain.image import ImageRef
 
 __all__ = [
@@ -30,6 +30,8 @@ __all__ = [
     "CreateSession",
     "ExecuteInSession",
     "ExecuteWithRetry",
+    "ExpireSession",
+    "FINAL",
     "Policy",
     "SessionClosed",
     "SessionExpired",
@@ -82,6 +84,10 @@ class CloseSession(Command):
     pass
 
 
+class ExpireSession(Command):
+    """The daemon's own: expire the session if its ``expires_at`` has passed."""
+
+
 class SessionEvent(Event, frozen=True, kw_only=True):
     kind = "session"
 
@@ -107,11 +113,22 @@ class SessionKernelAttached(SessionEvent, frozen=True, kw_only=True):
 
 
 class CommandExecuted(SessionEvent, frozen=True, kw_only=True):
+    """One execution in the session. For ``mode == "code"`` the result is the kernel's
+    (``ExecutionFinished`` on the kernel's stream); for ``mode == "command"`` the result is
+    here, output capped, so ``GET /v1/results/{id}`` serves it from the log."""
+
     result_id: str
     mode: str  # code | command
     status: str  # ok | error | timeout | dead
     executed_at: str
     expires_at: str
+    command: list[str] = []
+    exit_code: int | None = None
+    stdout: str = ""  # capped (command mode)
+    stderr: str = ""  # capped (command mode)
+    duration_ms: float = 0.0
+    truncated: bool = False
+    execution_count: int = 0
 
 
 class CommandDenied(SessionEvent, frozen=True, kw_only=True):
@@ -241,8 +258,16 @@ def decide(state: SessionState | None, command: Command, *, now: str = "", expir
         raise ValidationError("no such session")
     if due_to_expire(state, now):
         return [SessionExpired(at=now)]
+    if isinstance(command, (CloseSession, ExpireSession)) and state.status in FINAL:
+        return []  # already over: closing or expiring again changes nothing
+    if state.status == "expired":
+        raise ExpiredSession(f"session {state.name} expired at {state.expires_at}; open a new session",
+                             id=state.id, status="expired")
     if state.status in FINAL:
-        raise Conflict(f"session {state.name} is {state.status}", id=state.id, status=state.status)
+        raise Conflict(f"session {state.name} is {state.status}; open a new session",
+                       id=state.id, status=state.status)
+    if isinstance(command, ExpireSession):
+        return []
     if isinstance(command, CloseSession):
         return [SessionClosed(at=now)]
     if isinstance(command, ExecuteInSession):
@@ -264,6 +289,6 @@ def refusal(events: list[Event], state: SessionState) -> Exception | None:
             return PolicyDenied(f"'{shlex.join(e.command)}' is not allowed by the session's policy",
                                 allow=(state.policy.allow if state.policy else None) or [])
         if isinstance(e, SessionExpired):
-            return Conflict(f"session {state.name} expired at {state.expires_at}", id=state.id,
-                            status="expired")
+            return ExpiredSession(f"session {state.name} expired at {state.expires_at}; open a new session",
+                                  id=state.id, status="expired")
     return None

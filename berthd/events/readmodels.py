@@ -1,4 +1,5 @@
-"""The read models the HTTP API answers from: containers, images, audit, kernels, results.
+"""The read models the HTTP API answers from: containers, images, audit, kernels, sessions,
+results.
 
 Each is a ``Projection`` fed in log order by the ``ProjectionRunner``. They reuse the
 domain's ``evolve`` so that the read side can never disagree with the write side about
@@ -15,6 +16,7 @@ from berthd.domain import container as c
 from berthd.domain import image as im
 from berthd.domain import kernel as k
 from berthd.domain import node as n
+from berthd.domain import session as se
 from berthd.events.projection import Projection
 from berthd.events.store import Recorded
 
@@ -28,6 +30,7 @@ __all__ = [
     "KeysView",
     "PulledImage",
     "ResultsView",
+    "SessionsView",
     "StoredResult",
 ]
 
@@ -283,6 +286,57 @@ class KernelsView(Projection):
             return dict(Counter(s.status for s in self.by_id.values()))
 
 
+class SessionsView(Projection):
+    """Every session's current state by id, and live (active) names -> ids."""
+
+    name = "sessions"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.by_id: dict[str, se.SessionState] = {}
+            self.by_name: dict[str, str] = {}
+
+    def apply(self, rec: Recorded) -> None:
+        if rec.kind != "session":
+            return
+        with self._lock:
+            after = se.evolve(self.by_id.get(rec.stream_id), rec.event)
+            if after is None:
+                return
+            self.by_id[rec.stream_id] = after
+            if after.status in se.FINAL:
+                if self.by_name.get(after.name) == after.id:
+                    del self.by_name[after.name]
+            else:
+                self.by_name[after.name] = after.id
+
+    def get(self, id_or_name: str) -> se.SessionState | None:
+        state = self.by_id.get(id_or_name)
+        if state is not None:
+            return state
+        session_id = self.by_name.get(id_or_name)
+        return self.by_id.get(session_id) if session_id else None
+
+    def name_taken(self, name: str) -> bool:
+        return name in self.by_name
+
+    def all(self) -> list[se.SessionState]:
+        with self._lock:
+            return list(self.by_id.values())
+
+    def active(self) -> list[se.SessionState]:
+        with self._lock:
+            return [s for s in self.by_id.values() if s.status == "active"]
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(Counter(s.status for s in self.by_id.values()))
+
+
 @dataclass(frozen=True, slots=True)
 class StoredResult:
     """One execution as the log has it: ``finished`` is None while it runs."""
@@ -296,7 +350,8 @@ class StoredResult:
 
 class ResultsView(Projection):
     """Executions by result id, from ``ExecutionStarted`` and ``ExecutionFinished``
-    (their output is the log's, capped)."""
+    (their output is the log's, capped), and a session's commands from ``CommandExecuted``
+    (``mode == "command"``: shown as a kernel result of its session's kernel)."""
 
     name = "results"
 
@@ -307,7 +362,8 @@ class ResultsView(Projection):
     def reset(self) -> None:
         with self._lock:
             self.by_id: dict[str, StoredResult] = {}
-            self._owners: dict[str, str] = {}  # kernel id -> owner
+            self._owners: dict[str, str] = {}  # kernel or session id -> owner
+            self._kernel_of: dict[str, str] = {}  # session id -> its kernel id
 
     def apply(self, rec: Recorded) -> None:
         e = rec.event
@@ -322,6 +378,18 @@ class ResultsView(Projection):
                 self.by_id[e.result_id] = StoredResult(
                     e.result_id, rec.stream_id, self._owners.get(rec.stream_id, "admin"),
                     before.started_at if before else "", e)
+            elif isinstance(e, se.SessionOpened):
+                self._owners[rec.stream_id] = e.owner
+            elif isinstance(e, se.SessionKernelAttached):
+                self._kernel_of[rec.stream_id] = e.kernel_id
+            elif isinstance(e, se.CommandExecuted) and e.mode == "command":
+                self.by_id[e.result_id] = StoredResult(
+                    e.result_id, self._kernel_of.get(rec.stream_id, ""),
+                    self._owners.get(rec.stream_id, "admin"), e.executed_at,
+                    k.ExecutionFinished(
+                        result_id=e.result_id, status=e.status, execution_count=e.execution_count,
+                        duration_ms=e.duration_ms, stdout=e.stdout, stderr=e.stderr,
+                        truncated=e.truncated, exit_code=e.exit_code, finished_at=e.executed_at))
 
     def get(self, result_id: str) -> StoredResult | None:
         return self.by_id.get(result_id)

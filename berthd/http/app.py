@@ -11,7 +11,7 @@ from berthd.http.deps import Deps
 from berthd.http.errors import register_error_handlers
 from berthd.http.middleware import AuthMiddleware, RequestIds
 from berthd.http.openapi import DocsAsset, DocsResource, OpenAPIResource
-from berthd.http.resources import containers, events, images, kernels, run, system
+from berthd.http.resources import containers, events, images, kernels, run, sessions, system
 
 __all__ = ["create_app"]
 
@@ -48,6 +48,9 @@ def create_app(deps: Deps) -> falcon.App[Any, Any]:
     app.add_route("/v1/kernels/{id}", kernels.KernelItem(deps))
     app.add_route("/v1/kernels/{id}/{action}", kernels.KernelAction(deps))
     app.add_route("/v1/results/{id}", kernels.ResultItem(deps))
+    app.add_route("/v1/sessions", sessions.SessionCollection(deps))
+    app.add_route("/v1/sessions/{id}", sessions.SessionItem(deps))
+    app.add_route("/v1/sessions/{id}/{action}", sessions.SessionAction(deps))
 
     app.add_route("/v1/events", events.EventCollection(deps))
     app.add_route("/v1/audit", events.AuditCollection(deps))

@@ -9,8 +9,16 @@ from typing import Any
 from berthd.actors import Clock, ImageService, Supervisor
 from berthd.actors.kernel import KernelSupervisor
 from berthd.actors.pool import WarmPool
+from berthd.actors.session import SessionSupervisor
 from berthd.events.projection import ProjectionRunner
-from berthd.events.readmodels import AuditView, ContainersView, ImagesView, KernelsView, ResultsView
+from berthd.events.readmodels import (
+    AuditView,
+    ContainersView,
+    ImagesView,
+    KernelsView,
+    ResultsView,
+    SessionsView,
+)
 from berthd.events.store import EventStore
 from berthd.http.auth import Authenticator
 from berthd.runtime.base import Runtime
@@ -52,3 +60,5 @@ class Deps:
     kernels: KernelSupervisor | None = None  # None: kernels are not served (503)
     kernels_view: KernelsView = field(default_factory=KernelsView)
     results: ResultsView = field(default_factory=ResultsView)
+    sessions: SessionSupervisor | None = None  # None: sessions are not served (503)
+    sessions_view: SessionsView = field(default_factory=SessionsView)

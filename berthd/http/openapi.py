@@ -14,7 +14,9 @@ import swagger_ui_bundle
 from berthd.domain import container as c
 from berthd.domain import image as im
 from berthd.domain import kernel as k
+from berthd.domain import session as se
 from berthd.http import views as v
+from berthd.http.resources import sessions as sv
 
 __all__ = ["build_openapi", "OpenAPIResource", "DocsResource", "DocsAsset"]
 
@@ -53,6 +55,8 @@ _ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"
        "description": "container id or name"}
 _KID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
         "description": "kernel id or name"}
+_SID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
+        "description": "session id or name"}
 _LIST = [_q("limit", "integer"), _q("offset", "integer")]
 
 
@@ -62,6 +66,8 @@ def build_openapi(version: str) -> dict[str, Any]:
         c.ExecInContainer, im.PullImage, v.ContainerView, v.ContainerList, v.ExecView, v.ImageView,
         v.ImageList, v.EventView, v.EventList, v.RemovedView, v.ErrorBody,
         k.CreateKernel, k.ExecuteCode, v.KernelView, v.KernelList, v.ResultView,
+        se.CreateSession, se.ExecuteInSession, se.ExecuteWithRetry, sv.SessionView, sv.SessionList,
+        sv.SessionResultView, sv.RetryResultView,
     ]
     _, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
     obj = {"type": "object"}
@@ -118,6 +124,24 @@ def build_openapi(version: str) -> dict[str, Any]:
         "/v1/results/{id}": {"get": _op("An execution's stored result", 200, _ref(v.ResultView), params=[
             {"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
              "description": "result id"}], errors=(401, 404))},
+        "/v1/sessions": {
+            "post": _op("Open a session (its kernel opens at the first execute)", 201, _ref(sv.SessionView),
+                        se.CreateSession, errors=(400, 401, 409, 503)),
+            "get": _op("List sessions", 200, _ref(sv.SessionList), params=[*_LIST, _q("status")],
+                       errors=(400, 401)),
+        },
+        "/v1/sessions/{id}": {
+            "get": _op("Inspect a session", 200, _ref(sv.SessionView), params=[_SID]),
+            "delete": _op("Close a session (its kernel and sandbox are destroyed)", 200, _ref(sv.SessionView),
+                          params=[_SID]),
+        },
+        "/v1/sessions/{id}/execute": {"post": _op(
+            "Run code in the session's kernel or a command in its sandbox; 403 POLICY_DENIED for a "
+            "command outside the policy, 409 SESSION_EXPIRED past its TTL", 200, _ref(sv.SessionResultView),
+            se.ExecuteInSession, [_SID], errors=(400, 401, 403, 404, 409, 503))},
+        "/v1/sessions/{id}/execute_with_retry": {"post": _op(
+            "Run code; on error run on_error_code and retry, up to max_attempts", 200,
+            _ref(sv.RetryResultView), se.ExecuteWithRetry, [_SID], errors=(400, 401, 404, 409, 503))},
         "/v1/events": {"get": _op("The event log from a position", 200, _ref(v.EventList), params=[
             _q("after", "integer"), _q("limit", "integer"), _q("type"), _q("kind"), _q("entity")],
             errors=(400, 401))},

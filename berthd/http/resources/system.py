@@ -75,6 +75,8 @@ def info(deps: Deps) -> dict[str, object]:
             "containers": deps.containers.counts(),
             "kernels": deps.kernels_view.counts(),
             "kernel_actors": deps.kernels.live_actors if deps.kernels is not None else 0,
+            "sessions": deps.sessions_view.counts(),
+            "session_actors": deps.sessions.live_actors if deps.sessions is not None else 0,
             "actors": deps.supervisor.live_actors,
             "activations": deps.supervisor.activations,
             "passivations": deps.supervisor.passivations,
