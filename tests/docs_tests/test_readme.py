@@ -62,6 +62,7 @@ def test_the_tour_works_against_the_default_daemon(tmp_path: pathlib.Path) -> No
         assert '{"position":1,' in out and '{"position":3,' in out  # the WebSocket catch-up from after=0
         assert '"return_value":"42"' in out and '"stdout":"hi\\n"' in out
         assert "one-shot\nLinux" in out.replace("\\n", "\n")
+        assert '"stdout":"allowed\\n"' in out and "403\n" in out and '"status":"closed"' in out
         replayed = next(line for line in out.splitlines() if line.startswith("containers:"))
         # demo and the kernel's sandbox are gone (the one-shot sandbox is removed in the
         # background, maybe not yet); the warm pool's sandboxes remain
