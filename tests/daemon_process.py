@@ -38,7 +38,8 @@ class DaemonProcess:
                *self.args]
         if self.store:
             cmd += ["--store", self.store]
-        env = {**os.environ, **self.extra_env}
+        # no warm pool unless a test asks: its background refills would move the log head
+        env = {**os.environ, "BERTHD_POOL_SIZE": "0", **self.extra_env}
         env.pop("BERTHD_ADMIN_KEY", None)
         with open(self.log_path, "ab") as log:  # the child keeps its own copy of the fd
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)

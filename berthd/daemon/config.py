@@ -64,6 +64,7 @@ ENV_FIELDS = {
     "BERTHD_PASSIVATE_AFTER": "passivate_after",
     "BERTHD_KERNEL_IMAGE": "kernel_image",
     "BERTHD_POOL_IMAGE": "pool_image",
+    "BERTHD_POOL_SIZE": "pool_size",
     "BERTHD_LOG_LEVEL": "log_level",
 }
 """``BERTHD_*`` variables that set a field (``BERTHD_HOME`` is an alias of the data dir;
@@ -83,6 +84,10 @@ def _convert(field: str, raw: str) -> Any:
         if raw.lower() in ("0", "false", "no", "off"):
             return False
         raise ConfigError(f"BERTHD_SOCKET must be true or false, not {raw!r}")
+    if field == "pool_size":
+        if not raw.isdigit():
+            raise ConfigError(f"BERTHD_POOL_SIZE must be a whole number, not {raw!r}")
+        return int(raw)
     if field == "passivate_after":
         try:
             return float(raw)

@@ -254,12 +254,16 @@ def test_kernel_state_survives_sigkill(name: str, tmp_path: pathlib.Path, reques
         assert execute(d, kid, "x = 41")["status"] == "ok"
         # an execution in flight when the daemon dies is finished on the log afterwards
         with ws_connect(d, kid) as ws:
-            ws.send(json.dumps({"code": "import time\ntime.sleep(1.5)\nprint('done')\nx"}))
+            ws.send(json.dumps({"code": "print('begun', flush=True)\nimport time\ntime.sleep(1.5)\nprint('done')\nx"}))
             result_id = json.loads(ws.recv(10))["result_id"]
+            # kill only once the code really runs in the kernel: an execution the agent never
+            # received is (rightly) recorded as not run
+            while json.loads(ws.recv(10)).get("type") != "stdout":
+                pass
             d.kill()
         d.start()
         stored = wait_for(lambda: (s := d.get(f"/v1/results/{result_id}").json()).get("status", "running") != "running" and s, 20)
-        assert stored["status"] == "ok" and stored["stdout"] == "done\n" and stored["return_value"] == "41"
+        assert stored["status"] == "ok" and stored["stdout"] == "begun\ndone\n" and stored["return_value"] == "41", stored
         assert execute(d, kid, "x + 1")["return_value"] == "42"
         d.delete(f"/v1/kernels/{kid}")
     finally:
