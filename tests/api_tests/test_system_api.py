@@ -51,6 +51,10 @@ def test_unix_socket_is_admin_without_key(local_daemon: DaemonProcess) -> None:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self.sock.connect(str(local_daemon.data_dir / "berthd.sock"))
 
+    for name in ("berthd.sock", "berthd-ws.sock"):
+        real = (local_daemon.data_dir / name).resolve()
+        assert stat.S_ISSOCK(real.stat().st_mode) and stat.S_IMODE(real.stat().st_mode) == 0o660, name
+        assert stat.S_IMODE(real.parent.stat().st_mode) == 0o700  # chmod after bind is safe in here
     conn = UnixConnection("localhost")
     conn.request("GET", "/v1/info")
     resp = conn.getresponse()
