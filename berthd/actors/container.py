@@ -18,6 +18,7 @@ from typing import Any
 
 import pykka
 
+from berthd.actors._stream import append_evolved
 from berthd.actors.context import SYSTEM, Clock, CommandContext, Reply, new_id, rfc3339
 from berthd.domain import container as c
 from berthd.domain.base import Command, Event
@@ -29,7 +30,7 @@ from berthd.domain.errors import (
     RuntimeUnavailable,
     StoreUnavailable,
 )
-from berthd.events.store import ConcurrencyConflict, EventStore
+from berthd.events.store import EventStore
 from berthd.events.store import StoreUnavailable as StoreDown
 from berthd.runtime import base as rt
 
@@ -199,18 +200,9 @@ class ContainerActor(pykka.ThreadingActor):
     def _append(self, events: list[Event], ctx: CommandContext) -> int:
         if not events:
             return self.last_position
-        expected = self.state.version if self.state is not None else 0
-        try:
-            recs = self.store.append(self.stream_id, expected, events, ctx.meta(self.clock, self.node_id))
-        except ConcurrencyConflict as exc:
-            raise Conflict(f"container {self.stream_id} changed concurrently; retry") from exc
-        except StoreDown as exc:
-            raise StoreUnavailable(f"the event log cannot be written: {exc}") from exc
-        state = self.state
-        for event in events:
-            state = c.evolve(state, event)
-        self.state = state
-        self.last_position = recs[-1].position
+        self.state, self.last_position = append_evolved(
+            self.store, self.stream_id, "container", self.state, events,
+            ctx.meta(self.clock, self.node_id), c.evolve)
         return self.last_position
 
     def _run(

@@ -33,6 +33,7 @@ from typing import Any
 import msgspec
 import pykka
 
+from berthd.actors._stream import append_evolved, cap_text, load_state
 from berthd.actors.container import Retired, map_runtime_error
 from berthd.actors.context import SYSTEM, Clock, CommandContext, Reply, new_id, rfc3339
 from berthd.actors.supervisor import Supervisor
@@ -52,7 +53,7 @@ from berthd.domain.errors import (
     Unprocessable,
     ValidationError,
 )
-from berthd.events.store import ConcurrencyConflict, EventStore
+from berthd.events.store import EventStore
 from berthd.events.store import StoreUnavailable as StoreDown
 from berthd.kernel import (
     AgentClient,
@@ -246,18 +247,9 @@ class KernelActor(pykka.ThreadingActor):
     def _append(self, events: list[Event], ctx: CommandContext) -> int:
         if not events:
             return self.position
-        expected = self.state.version if self.state is not None else 0
-        try:
-            recs = self.store.append(self.stream_id, expected, events, ctx.meta(self.clock, self.node_id))
-        except ConcurrencyConflict as exc:
-            raise Conflict(f"kernel {self.stream_id} changed concurrently; retry") from exc
-        except StoreDown as exc:
-            raise StoreUnavailable(f"the event log cannot be written: {exc}") from exc
-        state = self.state
-        for event in events:
-            state = k.evolve(state, event)
-        self.state = state
-        self.position = recs[-1].position
+        self.state, self.position = append_evolved(
+            self.store, self.stream_id, "kernel", self.state, events,
+            ctx.meta(self.clock, self.node_id), k.evolve)
         return self.position
 
     def _run(self, call: Callable[[], Any], then: _Then, future: Future[Reply] | None,
@@ -468,8 +460,8 @@ class KernelActor(pykka.ThreadingActor):
         events: list[Event] = []
         current = result_id or (self.state.current if self.state else None)
         if current is not None:
-            out, out_cut = _cap(stdout, self.log_cap)
-            err, err_cut = _cap(stderr, self.log_cap)
+            out, out_cut = cap_text(stdout, self.log_cap)
+            err, err_cut = cap_text(stderr, self.log_cap)
             events.append(k.ExecutionFinished(
                 result_id=current, status="dead", stdout=out, stderr=err, truncated=out_cut or err_cut,
                 execution_count=self.state.execution_count if self.state else 0,
@@ -517,8 +509,8 @@ class KernelActor(pykka.ThreadingActor):
         return then
 
     def _finished(self, result_id: str, r: ExecutionResult) -> k.ExecutionFinished:
-        out, out_cut = _cap(r.stdout, self.log_cap)
-        err, err_cut = _cap(r.stderr, self.log_cap)
+        out, out_cut = cap_text(r.stdout, self.log_cap)
+        err, err_cut = cap_text(r.stderr, self.log_cap)
         return k.ExecutionFinished(
             result_id=result_id, status=r.status, execution_count=r.execution_count,
             duration_ms=round(r.duration_ms, 3), stdout=out, stderr=err, return_value=r.return_value,
@@ -742,13 +734,8 @@ class KernelSupervisor:
             ref = self._actors.get(kernel_id)
             if ref is not None and ref.is_alive():
                 return ref
-            try:
-                records = self.store.read_stream(kernel_id)
-            except StoreDown as exc:
-                raise StoreUnavailable(f"the event log cannot be read: {exc}") from exc
-            state = k.replay(r.event for r in records if r.kind == "kernel")
-            if state is None:
-                raise KernelNotFound(f"no kernel {kernel_id}", id=kernel_id)
+            state, _ = load_state(self.store, kernel_id, "kernel", k.replay,
+                                  lambda i: KernelNotFound(f"no kernel {i}", id=i))
             ref = self._spawn(kernel_id, state)
             self.activations += 1
             return ref
@@ -770,9 +757,6 @@ class KernelSupervisor:
 
 # ---------------------------------------------------------------------- helpers
 
-
-def _cap(text: str, cap: int) -> tuple[str, bool]:
-    return (text, False) if len(text) <= cap else (text[:cap], True)
 
 
 def kernel_result(result_id: str, r: ExecutionResult) -> KernelResult:

@@ -30,6 +30,7 @@ from typing import Any
 
 import pykka
 
+from berthd.actors._stream import append_evolved, cap_text, load_state
 from berthd.actors.container import ExecOutcome, Retired
 from berthd.actors.context import SYSTEM, Clock, CommandContext, Reply, new_id, rfc3339
 from berthd.actors.kernel import LOG_OUTPUT_CAP, KernelResult, KernelSupervisor
@@ -50,7 +51,7 @@ from berthd.domain.errors import (
     StoreUnavailable,
     ValidationError,
 )
-from berthd.events.store import ConcurrencyConflict, EventStore
+from berthd.events.store import EventStore
 from berthd.events.store import StoreUnavailable as StoreDown
 
 __all__ = ["SessionActor", "SessionOutcome", "SessionSupervisor"]
@@ -164,18 +165,9 @@ class SessionActor(pykka.ThreadingActor):
     def _append(self, events: list[Event], ctx: CommandContext) -> int:
         if not events:
             return self.position
-        expected = self.state.version if self.state is not None else 0
-        try:
-            recs = self.store.append(self.stream_id, expected, events, ctx.meta(self.clock, self.node_id))
-        except ConcurrencyConflict as exc:
-            raise Conflict(f"session {self.stream_id} changed concurrently; retry") from exc
-        except StoreDown as exc:
-            raise StoreUnavailable(f"the event log cannot be written: {exc}") from exc
-        state = self.state
-        for event in events:
-            state = se.evolve(state, event)
-        self.state = state
-        self.position = recs[-1].position
+        self.state, self.position = append_evolved(
+            self.store, self.stream_id, "session", self.state, events,
+            ctx.meta(self.clock, self.node_id), se.evolve)
         return self.position
 
     def _reply(self, result: Any = None) -> Reply:
@@ -394,8 +386,8 @@ class SessionActor(pykka.ThreadingActor):
                 execution_count=count, duration_ms=round(r.duration_ms, 3), truncated=r.truncated,
                 error=None, exit_code=r.exit_code,
             )
-            out, out_cut = _cap(stdout, self.log_cap)
-            err_text, err_cut = _cap(stderr, self.log_cap)
+            out, out_cut = cap_text(stdout, self.log_cap)
+            err_text, err_cut = cap_text(stderr, self.log_cap)
             executed_at = self._now()
             self._append([se.CommandExecuted(
                 result_id=o.exec_id, mode="command", status=status, executed_at=executed_at,
@@ -553,13 +545,8 @@ class SessionSupervisor:
             ref = self._actors.get(session_id)
             if ref is not None and ref.is_alive():
                 return ref
-            try:
-                records = self.store.read_stream(session_id)
-            except StoreDown as exc:
-                raise StoreUnavailable(f"the event log cannot be read: {exc}") from exc
-            state = se.replay(r.event for r in records if r.kind == "session")
-            if state is None:
-                raise SessionNotFound(f"no session {session_id}", id=session_id)
+            state, _ = load_state(self.store, session_id, "session", se.replay,
+                                  lambda i: SessionNotFound(f"no session {i}", id=i))
             ref = self._spawn(session_id, state)
             return ref
 
@@ -580,9 +567,6 @@ class SessionSupervisor:
 
 # ---------------------------------------------------------------------- helpers
 
-
-def _cap(text: str, cap: int) -> tuple[str, bool]:
-    return (text, False) if len(text) <= cap else (text[:cap], True)
 
 
 def _guarded(then: Callable[[Any, BaseException | None], None], done: _Done) \

@@ -17,6 +17,7 @@ from typing import Any
 
 import pykka
 
+from berthd.actors._stream import load_state
 from berthd.actors.container import ContainerActor, Retired
 from berthd.actors.context import SYSTEM, Clock, CommandContext, Reply, new_id
 from berthd.domain import container as c
@@ -252,14 +253,9 @@ class Supervisor:
             ref = self._actors.get(berth_id)
             if ref is not None and ref.is_alive():
                 return ref
-            try:
-                records = self.store.read_stream(berth_id)
-            except StoreDown as exc:
-                raise StoreUnavailable(f"the event log cannot be read: {exc}") from exc
-            state = c.replay(r.event for r in records if r.kind == "container")
-            if state is None:
-                raise ContainerNotFound(f"no container {berth_id}", id=berth_id)
-            ref = self._spawn(berth_id, state, records[-1].position)
+            state, position = load_state(self.store, berth_id, "container", c.replay,
+                                         lambda i: ContainerNotFound(f"no container {i}", id=i))
+            ref = self._spawn(berth_id, state, position)
             self.activations += 1
             return ref
 
