@@ -528,8 +528,10 @@ class RuntimeContract:
         shared = runtime.berth_dir(berth_id)
         assert os.path.isdir(shared.host)
         assert shared.sandbox in (SANDBOX_BERTH_DIR, shared.host)
-        assert wait_until(lambda: Path(shared.host, "main.txt").exists())
-        assert Path(shared.host, "main.txt").read_text() == f"main sees {shared.sandbox}\n"
+        # the shell creates the file before it writes the line: wait for the whole line
+        main_txt = Path(shared.host, "main.txt")
+        assert wait_until(lambda: main_txt.exists() and main_txt.read_text().endswith("\n"))
+        assert main_txt.read_text() == f"main sees {shared.sandbox}\n"
         Path(shared.host, "from-host.txt").write_text("hello\n")
         script = 'cat "$BERTH_DIR/from-host.txt"; echo back > "$BERTH_DIR/from-sandbox.txt"'
         result = runtime.exec(berth_id, ExecSpec(command=("sh", "-c", script)))
