@@ -6,7 +6,9 @@ The sandboxed process owns those directories and can plant symlinks (``ln -s /et
 paths are resolved one component at a time with ``O_NOFOLLOW`` relative to a directory
 file descriptor, ``..`` is refused outright, and the final file is opened with
 ``O_NOFOLLOW`` too (and must be a regular file). A symlink anywhere on the path is a
-``RuntimeFailure``, never a hop.
+``PathForbidden`` (403), never a hop; a missing file or parent is ``FileNotFound`` (404);
+a path that is relative, has ``..``, names a directory or leaves the reachable roots is
+``InvalidPath`` (400).
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ import stat
 import uuid
 from collections.abc import Mapping
 
-from berthd.runtime.base import RuntimeFailure
+from berthd.runtime.base import FileNotFound, InvalidPath, PathForbidden, RuntimeFailure
 
-__all__ = ["read_file", "split_container_path", "write_file"]
+__all__ = ["is_dir", "read_file", "split_container_path", "write_file"]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -30,15 +32,15 @@ def split_container_path(path: str, roots: Mapping[str, str]) -> tuple[str, list
     ``roots`` maps a top-level container directory ("workspace", "tmp") to the host
     directory that backs it; anything outside them is refused."""
     if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
-        raise RuntimeFailure(f"file path must be absolute: {path!r}")
+        raise InvalidPath(f"file path must be absolute: {path!r}", field="path")
     parts = [p for p in path.split("/") if p not in ("", ".")]
     if ".." in parts:
-        raise RuntimeFailure(f"file path must not contain '..': {path!r}")
+        raise InvalidPath(f"file path must not contain '..': {path!r}", field="path")
     if not parts or parts[0] not in roots:
         allowed = ", ".join(f"/{r}" for r in roots)
-        raise RuntimeFailure(f"this runtime only reaches files under {allowed}: {path!r}")
+        raise InvalidPath(f"this runtime only reaches files under {allowed}: {path!r}", field="path")
     if len(parts) == 1:
-        raise RuntimeFailure(f"{path!r} is a directory")
+        raise InvalidPath(f"{path!r} is a directory", field="path")
     return roots[parts[0]], parts[1:]
 
 
@@ -50,7 +52,7 @@ def _open_parent(base: str, parts: list[str], path: str) -> int:
             try:
                 next_fd = os.open(name, _DIR_FLAGS, dir_fd=fd)
             except OSError as exc:
-                raise _path_error(exc, path) from None
+                raise _path_error(exc, path, _is_link(name, fd)) from None
             os.close(fd)
             fd = next_fd
     except BaseException:
@@ -59,14 +61,35 @@ def _open_parent(base: str, parts: list[str], path: str) -> int:
     return fd
 
 
-def _path_error(exc: OSError, path: str) -> RuntimeFailure:
-    if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
-        return RuntimeFailure(f"{path!r}: a path component is a symlink or not a directory")
+def _is_link(name: str, dir_fd: int) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def _path_error(exc: OSError, path: str, link: bool = False) -> RuntimeFailure:
+    if exc.errno in (errno.ELOOP, errno.EMLINK) or link:
+        return PathForbidden(f"{path!r}: a path component is a symlink (never followed)", field="path")
+    if exc.errno == errno.ENOTDIR:
+        return FileNotFound(f"{path!r}: a path component is not a directory", field="path")
     if exc.errno == errno.ENOENT:
-        return RuntimeFailure(f"{path!r}: no such file or directory")
+        return FileNotFound(f"{path!r}: no such file or directory", field="path")
     if exc.errno == errno.EISDIR:
-        return RuntimeFailure(f"{path!r} is a directory")
+        return InvalidPath(f"{path!r} is a directory", field="path")
+    if exc.errno == errno.ENAMETOOLONG:
+        return InvalidPath(f"{path!r}: a name is too long", field="path")
     return RuntimeFailure(f"{path!r}: {exc.strerror}")
+
+
+def is_dir(base: str, parts: list[str]) -> bool:
+    """Whether ``parts`` under ``base`` is a directory, reached without a symlink."""
+    try:
+        fd = _open_parent(base, [*parts, "."], "/".join(parts))
+    except RuntimeFailure:
+        return False
+    os.close(fd)
+    return True
 
 
 def write_file(
@@ -124,9 +147,9 @@ def read_file(base: str, parts: list[str], path: str) -> bytes:
     try:
         info = os.fstat(fd)
         if stat.S_ISDIR(info.st_mode):
-            raise RuntimeFailure(f"{path!r} is a directory")
+            raise InvalidPath(f"{path!r} is a directory", field="path")
         if not stat.S_ISREG(info.st_mode):
-            raise RuntimeFailure(f"{path!r} is not a regular file")
+            raise InvalidPath(f"{path!r} is not a regular file", field="path")
         os.set_blocking(fd, True)
         chunks: list[bytes] = []
         while chunk := os.read(fd, 1 << 20):

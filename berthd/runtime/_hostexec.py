@@ -47,6 +47,7 @@ class Spawner:
         display_name: str | None = None,
         launcher: Callable[[Callable[[], subprocess.Popen[bytes]]], subprocess.Popen[bytes]]
         | None = None,
+        pass_fds: Sequence[int] = (),
     ) -> None:
         self.argv = list(argv)
         self.env = dict(env)
@@ -58,6 +59,16 @@ class Spawner:
         self.after_exit = after_exit
         self.display_name = display_name or (self.argv[-1] if self.argv else "?")
         self.launcher = launcher
+        # Descriptors the process inherits (same numbers); owned here: closed once the
+        # process is started, or by ``release`` if it never is.
+        self.pass_fds = tuple(pass_fds)
+
+    def release(self) -> None:
+        """Close the descriptors meant for the process (idempotent)."""
+        fds, self.pass_fds = self.pass_fds, ()
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def popen(self, *, stdin: int, stdout: int, stderr: int) -> subprocess.Popen[bytes]:
         """Start in a new session (own process group); drop to ``user`` if given.
@@ -78,6 +89,7 @@ class Spawner:
                 group=self.group,
                 extra_groups=[] if self.user is not None else None,
                 close_fds=True,
+                pass_fds=self.pass_fds,
             )
 
         try:
@@ -90,6 +102,8 @@ class Spawner:
             raise _NotStarted(126, f"{self.display_name}: {exc.strerror}") from None
         except OSError as exc:
             raise RuntimeFailure(f"cannot start {self.display_name!r}: {exc}") from None
+        finally:
+            self.release()
 
 
 def _has_exited(pid: int, *, block: bool = False) -> bool:

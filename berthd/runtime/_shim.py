@@ -69,6 +69,22 @@ def _start_time(pid: int) -> int | None:
     return info.start_time if info is not None else None
 
 
+def _die_with_shim(shim_pid: int) -> Any:
+    """For the sandboxed command: SIGKILL when the shim dies, from its first instruction
+    on (bubblewrap's own --die-with-parent only starts once it runs, and a shim killed
+    right after the start would leave the sandbox behind). The shim is single-threaded,
+    so a ``preexec_fn`` is safe here; it runs after the uid change, which would clear it."""
+    import ctypes
+
+    def arm() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != shim_pid:
+            os._exit(1)  # the shim is already gone
+
+    return arm
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print("usage: python -m berthd.runtime._shim CONTAINER_DIR", file=sys.stderr)
@@ -96,6 +112,11 @@ def main(argv: list[str]) -> int:
         signal.signal(signum, forward)
 
     try:
+        # The container's cgroups (local runtime): the shim joins them, so the command
+        # starts in them (the shim itself counts there too).
+        for procs in launch.get("cgroup_procs") or ():
+            with open(procs, "w") as f:
+                f.write(str(os.getpid()))
         child = subprocess.Popen(
             launch["argv"],
             env=launch["env"],
@@ -104,10 +125,12 @@ def main(argv: list[str]) -> int:
             stdout=log_fd,
             stderr=log_fd,
             process_group=0,
+            preexec_fn=_die_with_shim(os.getpid()) if sandboxed else None,
             user=user,
             group=launch.get("group"),
             extra_groups=[] if user is not None else None,
             close_fds=True,
+            pass_fds=tuple(launch.get("pass_fds") or ()),  # bound mounts, by descriptor
         )
     except OSError as exc:
         code = 126 if isinstance(exc, PermissionError) else 127

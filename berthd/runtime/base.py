@@ -10,7 +10,14 @@ a crash can find it again.
 Errors: a runtime raises only the exceptions defined here. ``RuntimeUnavailable`` means
 the engine cannot be reached (HTTP 503); ``SandboxNotFound`` means the container does not
 exist (any more) in the runtime; ``RuntimeFailure`` is any other refusal by the engine
-(bad image, bad command, ...), with a message fit for a user.
+(bad image, bad command, ...), with a message fit for a user. Refusals that are the
+client's fault are subclasses of ``RuntimeFailure`` carrying the stable API ``code`` of the
+client error they become (``berthd.domain.errors.for_code``): a file or host path that does
+not exist (``FileNotFound``, ``HostPathNotFound``: 404), a bad path (``InvalidPath``: 400),
+a missing working directory (``WorkdirNotFound``: 400), a path that leaves its jail
+(``PathForbidden``, ``MountForbidden``: 403), an unknown security profile
+(``UnknownProfile``: 400). This module stays stdlib-only (the local shim imports it), so
+the mapping goes by code, not by class.
 
 Shared directories: a container created with ``ContainerSpec.berth_dir`` gets a directory
 that is the same on the host and inside the sandbox (``Runtime.berth_dir``), writable by
@@ -26,7 +33,10 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from berthd.runtime.security import SecurityPolicy
 
 __all__ = [
     "BERTH_DIR_ENV",
@@ -48,6 +58,13 @@ __all__ = [
     "SandboxNotFound",
     "SandboxStatus",
     "ExitNotice",
+    "FileNotFound",
+    "HostPathNotFound",
+    "InvalidPath",
+    "MountForbidden",
+    "PathForbidden",
+    "UnknownProfile",
+    "WorkdirNotFound",
 ]
 
 
@@ -56,7 +73,14 @@ SANDBOX_BERTH_DIR = "/run/berth"  # where it is inside a sandbox with a filesyst
 
 
 class RuntimeError_(Exception):  # noqa: N801 - the builtin name is taken
-    """Base of every error a runtime raises."""
+    """Base of every error a runtime raises. ``code``: the API error code it becomes
+    (None: the generic mapping by class); ``details``: what the client error carries."""
+
+    code: str | None = None
+
+    def __init__(self, message: str = "", **details: object) -> None:
+        super().__init__(message)
+        self.details = details
 
 
 class RuntimeUnavailable(RuntimeError_):
@@ -73,6 +97,50 @@ class RuntimeFailure(RuntimeError_):
 
 class ImageMissing(RuntimeFailure):
     """The image does not exist in the runtime (pull it first)."""
+
+
+class FileNotFound(RuntimeFailure):
+    """A file (or its parent directory) does not exist in the container (404)."""
+
+    code = "PATH_NOT_FOUND"
+
+
+class HostPathNotFound(RuntimeFailure):
+    """A host path (mount source, browsed directory) does not exist (404)."""
+
+    code = "PATH_NOT_FOUND"
+
+
+class InvalidPath(RuntimeFailure):
+    """A path that cannot be used as asked: relative, ``..``, a directory where a file is
+    wanted, outside what the runtime reaches (400)."""
+
+    code = "INVALID_PATH"
+
+
+class WorkdirNotFound(RuntimeFailure):
+    """The working directory asked for does not exist in the container (400)."""
+
+    code = "WORKDIR_NOT_FOUND"
+
+
+class PathForbidden(RuntimeFailure):
+    """A path that would leave its jail: a symlink out of the container or out of a host
+    root, a host path outside the roots, a host control path (403)."""
+
+    code = "PATH_FORBIDDEN"
+
+
+class MountForbidden(PathForbidden):
+    """A host mount outside the configured mount roots, or of a control path (403)."""
+
+    code = "MOUNT_FORBIDDEN"
+
+
+class UnknownProfile(RuntimeFailure):
+    """No security profile of that name (400, field ``profile``)."""
+
+    code = "VALIDATION_ERROR"
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +180,7 @@ class ContainerSpec:
     network: bool = True
     labels: dict[str, str] = field(default_factory=dict)
     berth_dir: bool = False  # give it a directory shared with the host (Runtime.berth_dir)
+    profile: str = "default"  # the security profile (Runtime.security), enforced at create
 
 
 class BerthDir(NamedTuple):
@@ -209,6 +278,31 @@ class Runtime(abc.ABC):
     # Docker: yes. Local: no (each exec is a bubblewrap sandbox of its own that ends with
     # it); such agents must be the container's main command.
     detached_execs: bool = False
+
+    _security: SecurityPolicy | None = None
+
+    @property
+    def security(self) -> SecurityPolicy:
+        """The profiles and host-path jails applied at create (``berthd.runtime.security``);
+        the built-in profiles and no host roots until the daemon sets its own."""
+        if self._security is None:
+            from berthd.runtime.security import SecurityPolicy
+
+            self._security = SecurityPolicy()
+        return self._security
+
+    @security.setter
+    def security(self, policy: SecurityPolicy) -> None:
+        self._security = policy
+
+    def enforcement(self) -> dict[str, str]:
+        """What enforces each part of a profile in this runtime, for ``/v1/info``
+        ("not enforced" where nothing does)."""
+        return {}
+
+    def private_dirs(self) -> list[str]:
+        """Host directories of this runtime that no mount may ever reach."""
+        return []
 
     @property
     @abc.abstractmethod

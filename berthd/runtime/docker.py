@@ -6,9 +6,20 @@ has a client timeout (10 s by default): an engine that is gone or hangs becomes
 ``RuntimeUnavailable`` instead of a stuck worker. Streams (events, followed logs, pulls,
 execs) have no read timeout, as they legitimately stay quiet.
 
-Containers are named ``berth-<berth_id>`` and labelled ``berth.id``, ``berth.node`` (and
-``berth.name``), run with ``init=True`` (a real PID 1 forwards signals and reaps, so stop
-does not wait its full timeout) and ports published on 127.0.0.1 only.
+Containers are named ``berth-<berth_id>`` and labelled ``berth.id``, ``berth.node``,
+``berth.profile`` (and ``berth.name``), run with ``init=True`` (a real PID 1 forwards
+signals and reaps, so stop does not wait its full timeout) and ports published on
+127.0.0.1 only.
+
+Security profile (``berthd.runtime.security``), on every container: ``cap_drop ALL``,
+``no-new-privileges``; from the profile: ``pids_limit``, ``mem_limit`` equal to
+``memswap_limit`` (no swap), ``nano_cpus``, ``network_mode none`` unless it has a network,
+and a read-only root with ``/tmp`` a tmpfs-backed anonymous volume (a plain tmpfs mount
+is invisible to ``docker cp``, hence to ``put_file``; so a file put into ``/tmp`` of a
+container that is not running is refused: the tmpfs exists only while it runs). Host
+mounts are resolved under the mount roots at create (canonical path, no symlink left)
+and again right before every start; the engine then binds by path, so a swap between
+that last check and runc's mount is not caught (docs/security.md).
 
 Exec timeouts and signals: the Docker API has no "kill this exec". After ``exec_start``
 the engine reports the exec'd process's host pid (``exec_inspect``'s ``Pid``); runc
@@ -70,14 +81,17 @@ from berthd.runtime.base import (
     ExecSpec,
     ExecStream,
     ExitNotice,
+    FileNotFound,
     ImageInfo,
     ImageMissing,
+    InvalidPath,
     Runtime,
     RuntimeError_,
     RuntimeFailure,
     RuntimeUnavailable,
     SandboxNotFound,
     SandboxStatus,
+    WorkdirNotFound,
 )
 
 __all__ = ["DockerRuntime"]
@@ -172,6 +186,10 @@ class DockerRuntime(Runtime):
         self._tracker: ExitTracker | None = None
         self._threads: list[threading.Thread] = []
         self._events_stream: Any = None
+        # berth id -> Docker id of containers seen running, so an exec need not inspect the
+        # container first (an engine round trip); the engine refuses an exec in a container
+        # that is gone (404) or not running (409) by itself.
+        self._exec_targets: dict[str, str] = {}
 
     # ------------------------------------------------------------------ plumbing
 
@@ -241,21 +259,35 @@ class DockerRuntime(Runtime):
     # ------------------------------------------------------------------ lifecycle
 
     def create(self, spec: ContainerSpec) -> SandboxStatus:
-        labels = {**spec.labels, "berth.id": spec.berth_id, "berth.node": spec.node_id}
+        profile = self.security.profile(spec.profile)
+        labels = {
+            **spec.labels, "berth.id": spec.berth_id, "berth.node": spec.node_id,
+            "berth.profile": profile.name,
+        }
         if spec.name:
             labels["berth.name"] = spec.name
         mounts = []
-        for mount in spec.mounts:
-            if mount.mode not in ("ro", "rw"):
-                raise RuntimeFailure(f"mount mode must be 'ro' or 'rw', not {mount.mode!r}")
-            if _reserved(mount.container_path):
-                raise RuntimeFailure(f"{SANDBOX_BERTH_DIR} is reserved for the shared directory")
+        for mount in self.security.resolve_mounts(spec.mounts):
             mounts.append(
                 docker.types.Mount(
                     target=mount.container_path,
                     source=mount.host_path,
                     type="bind",
                     read_only=mount.mode != "rw",
+                )
+            )
+        if profile.read_only_root:
+            # A tmpfs-backed anonymous volume rather than a plain tmpfs mount: `docker cp`
+            # (put_file/get_file) sees volumes, not tmpfs mounts. Removed with the container.
+            options_ = f"size={profile.tmp_size_mb}m,mode=1777,nosuid,nodev"
+            mounts.append(
+                docker.types.Mount(
+                    target="/tmp",
+                    source=None,
+                    type="volume",
+                    driver_config=docker.types.DriverConfig(
+                        "local", {"type": "tmpfs", "device": "tmpfs", "o": options_}
+                    ),
                 )
             )
         env = dict(spec.env)
@@ -278,8 +310,17 @@ class DockerRuntime(Runtime):
             "init": True,
             "detach": True,
             "mounts": mounts,
+            # every profile: no capabilities, no privilege gain through setuid/file caps
+            "cap_drop": ["ALL"],
+            "security_opt": ["no-new-privileges:true"],
+            "read_only": profile.read_only_root,
         }
-        if not spec.network:
+        network = spec.network and profile.network
+        if not network:
+            if spec.ports:
+                raise RuntimeFailure(
+                    f"ports need a network; profile {profile.name!r} has none (use 'networked')"
+                )
             options["network_mode"] = "none"
         if spec.ports:
             options["ports"] = {
@@ -288,7 +329,7 @@ class DockerRuntime(Runtime):
                 else ("127.0.0.1",)
                 for p in spec.ports
             }
-        limits = spec.limits
+        limits = profile.limits(spec.limits)
         if limits.memory_mb:
             options["mem_limit"] = f"{limits.memory_mb}m"
             options["memswap_limit"] = f"{limits.memory_mb}m"  # no swap on top
@@ -314,9 +355,34 @@ class DockerRuntime(Runtime):
 
     def start(self, berth_id: str) -> SandboxStatus:
         container = self._container(berth_id)
+        self._recheck_mounts(container)
         with self._errors("start", berth_id):
             container.start()
         return self._refresh(container, berth_id)
+
+    def _recheck_mounts(self, container: Container) -> None:
+        """The engine binds a mount's source by path at every start: resolve each again
+        right before, so a symlink swapped in since create is refused, not followed."""
+        for mount in (container.attrs.get("HostConfig") or {}).get("Mounts") or []:
+            if mount.get("Type") != "bind" or _reserved(str(mount.get("Target") or "")):
+                continue
+            self.security.recheck_mount(str(mount.get("Source") or ""))
+
+    def enforcement(self) -> dict[str, str]:
+        return {
+            "capabilities": "all dropped (cap_drop ALL)",
+            "no_new_privileges": "security_opt no-new-privileges",
+            "pids": "pids cgroup (pids_limit)",
+            "memory": "memory cgroup (mem_limit, memswap_limit equal: no swap)",
+            "cpus": "CFS quota (nano_cpus)",
+            "network": "network_mode none unless the profile has a network",
+            "read_only_root": "read-only root filesystem (read_only)",
+            "tmp": "tmpfs volume at /tmp, sized by the profile",
+            "mounts": "bind mounts of canonical paths under mount_roots, re-resolved before every start",
+        }
+
+    def private_dirs(self) -> list[str]:
+        return [self._berth_root]
 
     def stop(self, berth_id: str, timeout: float = 10.0) -> SandboxStatus:
         container = self._container(berth_id)
@@ -348,6 +414,7 @@ class DockerRuntime(Runtime):
         return status
 
     def remove(self, berth_id: str, force: bool = False) -> None:
+        self._exec_targets.pop(berth_id, None)
         try:
             container = self._container(berth_id)
             with self._errors("remove", berth_id):
@@ -408,33 +475,55 @@ class DockerRuntime(Runtime):
     def _open_exec(self, berth_id: str, spec: ExecSpec, *, tty: bool, stdin: bool) -> _Exec:
         if not spec.command:
             raise RuntimeFailure("exec needs a command")
-        container = self._container(berth_id)
-        if self._status(container).state != "running":
-            raise RuntimeFailure(f"container {berth_id} is not running")
+        container_id = self._exec_targets.get(berth_id)
+        if container_id is None:
+            container = self._container(berth_id)
+            if self._status(container).state != "running":
+                raise RuntimeFailure(f"container {berth_id} is not running")
+            container_id = self._exec_targets[berth_id] = str(container.id)
         api = self._docker().api
-        with self._errors("exec", berth_id):
-            created = api.exec_create(
-                container.id,
-                list(spec.command),
-                stdout=True,
-                stderr=True,
-                stdin=stdin,
-                tty=tty,
-                environment=dict(spec.env) or None,
-                workdir=spec.workdir,
-            )
-            handle = api.exec_start(created["Id"], tty=tty, socket=True)
-        return _Exec(self, container.id, created["Id"], handle, tty=tty)
+        try:
+            with self._errors("exec", berth_id):
+                try:
+                    created = api.exec_create(
+                        container_id,
+                        list(spec.command),
+                        stdout=True,
+                        stderr=True,
+                        stdin=stdin,
+                        tty=tty,
+                        environment=dict(spec.env) or None,
+                        workdir=spec.workdir,
+                    )
+                except docker.errors.APIError as exc:
+                    if exc.status_code == 409:  # not running (stopped, paused, restarting)
+                        raise RuntimeFailure(f"container {berth_id} is not running") from None
+                    raise
+                handle = api.exec_start(created["Id"], tty=tty, socket=True)
+        except RuntimeError_:
+            self._exec_targets.pop(berth_id, None)  # look again next time
+            raise
+        return _Exec(self, container_id, created["Id"], handle, tty=tty)
 
     def exec(self, berth_id: str, spec: ExecSpec) -> ExecResult:
         started = time.monotonic()
         run = self._open_exec(berth_id, spec, tty=False, stdin=spec.stdin is not None)
         try:
-            return run.run_to_completion(
+            result = run.run_to_completion(
                 spec.stdin, timeout=spec.timeout, output_cap=spec.output_cap, started=started
             )
         finally:
             run.close_socket()
+        if (
+            spec.workdir
+            and result.exit_code == 126
+            and b"chdir to cwd" in result.stdout + result.stderr
+            and b"OCI runtime exec failed" in result.stdout + result.stderr
+        ):
+            raise WorkdirNotFound(
+                f"working directory {spec.workdir!r} does not exist in the container", field="workdir"
+            )
+        return result
 
     def exec_stream(self, berth_id: str, spec: ExecSpec, tty: bool = False) -> ExecStream:
         run = self._open_exec(berth_id, spec, tty=tty, stdin=True)
@@ -472,9 +561,19 @@ class DockerRuntime(Runtime):
 
     def put_file(self, berth_id: str, path: str, data: bytes) -> None:
         directory, name = posixpath.split(path)
-        if not path.startswith("/") or not name:
-            raise RuntimeFailure(f"file path must be absolute and name a file: {path!r}")
+        if not path.startswith("/") or not name or "\0" in path:
+            raise InvalidPath(f"file path must be absolute and name a file: {path!r}")
         container = self._container(berth_id)
+        norm = posixpath.normpath(path)
+        if (
+            (norm == "/tmp" or norm.startswith("/tmp/"))
+            and (container.attrs.get("HostConfig") or {}).get("ReadonlyRootfs")
+            and self._status(container).state != "running"
+        ):
+            raise InvalidPath(
+                f"{path!r}: /tmp is a tmpfs that exists only while the container runs; "
+                "start it first (or use a profile without a read-only root)"
+            )
         buffer = io.BytesIO()
         with tarfile.open(fileobj=buffer, mode="w") as tar:
             info = tarfile.TarInfo(name)
@@ -484,22 +583,43 @@ class DockerRuntime(Runtime):
             tar.addfile(info, io.BytesIO(data))
         # The parent must exist: extracting parent entries would reset existing
         # directories' modes (e.g. /tmp's 1777).
-        with self._errors(f"put_file {path}"):
+        with self._file_errors(path, berth_id):
             container.put_archive(directory or "/", buffer.getvalue())
 
+    @contextlib.contextmanager
+    def _file_errors(self, path: str, berth_id: str) -> Iterator[None]:
+        """``docker cp`` refusals as the client errors they are."""
+        try:
+            with self._errors(f"file {path}"):
+                yield
+        except RuntimeFailure as exc:
+            if type(exc) is not RuntimeFailure:
+                raise
+            text = str(exc)
+            if "Could not find the file" in text or "no such file or directory" in text.lower():
+                raise FileNotFound(f"{path!r}: no such file or directory in the container") from None
+            if "read-only" in text:
+                raise InvalidPath(
+                    f"{path!r} is on the container's read-only root; write under /tmp "
+                    "(or use a profile without a read-only root)"
+                ) from None
+            if "not a directory" in text.lower():
+                raise FileNotFound(f"{path!r}: a parent is not a directory") from None
+            raise
+
     def get_file(self, berth_id: str, path: str) -> bytes:
-        if not path.startswith("/"):
-            raise RuntimeFailure(f"file path must be absolute: {path!r}")
+        if not path.startswith("/") or "\0" in path:
+            raise InvalidPath(f"file path must be absolute: {path!r}")
         container = self._container(berth_id)
         current = path
         for _ in range(8):  # symlinks are resolved by the engine inside the container
-            with self._errors(f"get_file {path}"):
+            with self._file_errors(path, berth_id):
                 chunks, _stat = container.get_archive(current)
                 data = b"".join(chunks)
             with tarfile.open(fileobj=io.BytesIO(data)) as tar:
                 member = tar.next()
                 if member is None:
-                    raise RuntimeFailure(f"get_file {path}: empty archive from the engine")
+                    raise FileNotFound(f"get_file {path}: empty archive from the engine")
                 if member.issym():
                     target = member.linkname
                     current = (
@@ -509,12 +629,12 @@ class DockerRuntime(Runtime):
                     )
                     continue
                 if member.isdir():
-                    raise RuntimeFailure(f"{path!r} is a directory")
+                    raise InvalidPath(f"{path!r} is a directory")
                 extracted = tar.extractfile(member) if member.isfile() else None
                 if extracted is None:
-                    raise RuntimeFailure(f"{path!r} is not a regular file")
+                    raise InvalidPath(f"{path!r} is not a regular file")
                 return extracted.read()
-        raise RuntimeFailure(f"{path!r}: too many levels of symbolic links")
+        raise InvalidPath(f"{path!r}: too many levels of symbolic links")
 
     # ------------------------------------------------------------------ images
 

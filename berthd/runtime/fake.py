@@ -46,7 +46,6 @@ from berthd.runtime._hostexec import ProcessExecStream, Spawner, run_to_completi
 from berthd.runtime._util import exit_code_from_returncode, signal_number, utc_now
 from berthd.runtime.base import (
     BERTH_DIR_ENV,
-    SANDBOX_BERTH_DIR,
     BerthDir,
     ContainerSpec,
     ExecResult,
@@ -60,6 +59,7 @@ from berthd.runtime.base import (
     RuntimeUnavailable,
     SandboxNotFound,
     SandboxStatus,
+    WorkdirNotFound,
 )
 
 __all__ = ["FakeRuntime"]
@@ -243,6 +243,11 @@ class FakeRuntime(Runtime):
     def isolation(self) -> str:
         return "none"
 
+    def enforcement(self) -> dict[str, str]:
+        parts = ("capabilities", "no_new_privileges", "pids", "memory", "cpus", "network",
+                 "read_only_root", "tmp", "mounts")
+        return {part: "not enforced (fake runtime, for tests)" for part in parts}
+
     def ping(self) -> None:
         self._enter("ping", None)
 
@@ -251,12 +256,14 @@ class FakeRuntime(Runtime):
         with self._lock:
             if _normal_ref(spec.image) not in self._images:
                 raise ImageMissing(f"image {spec.image!r} not found; pull it first")
-            for mount in spec.mounts:
-                target = os.path.normpath(mount.container_path)
-                if target == SANDBOX_BERTH_DIR or target.startswith(SANDBOX_BERTH_DIR + "/"):
-                    raise RuntimeFailure(
-                        f"{SANDBOX_BERTH_DIR} is reserved for the shared directory"
-                    )
+            # the same refusals as the real runtimes; nothing of the profile is enforced
+            profile = self.security.profile(spec.profile)
+            spec = dataclasses.replace(
+                spec,
+                limits=profile.limits(spec.limits),
+                network=spec.network and profile.network,
+                mounts=self.security.resolve_mounts(spec.mounts),
+            )
             existing = self._containers.get(spec.berth_id)
             if existing is not None:
                 if existing.spec.node_id == spec.node_id:
@@ -403,6 +410,11 @@ class FakeRuntime(Runtime):
             if not spec.command:
                 raise RuntimeFailure("exec needs a command")
             cwd = self._cwd(box, spec.workdir)
+            if spec.workdir and not os.path.isdir(cwd):
+                raise WorkdirNotFound(
+                    f"working directory {spec.workdir!r} does not exist in the container",
+                    field="workdir",
+                )
             env = self._env(box, dict(spec.env))
 
         def launch(spawn: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:

@@ -35,11 +35,25 @@ directories (bubblewrap run as root with ``--uid`` would still be host root to f
 permission checks). The same uid is used without bubblewrap, so even then a container
 cannot read root's files or another container's workspace.
 
-Limits: ``memory_mb`` is RLIMIT_AS (address space per process, not a total), ``pids`` is
+Security profile (``berthd.runtime.security``, applied at create and recorded in
+``spec.json``): the network is unshared unless the profile has one; capabilities are
+dropped and no-new-privileges set (bubblewrap) whatever the profile; the limits are the
+profile's, tightened by those asked for. Host mounts are resolved under the mount roots
+at create, stored canonical, and resolved again before every launch (the main process
+and each exec); a path that has become a symlink elsewhere is refused, and bubblewrap
+binds the descriptor that resolution ended on (``--ro-bind-fd``), handed down through
+the shim, so nothing swapped in afterwards can redirect it.
+
+Limits: where the host has writable cgroup v1 ``memory``/``pids``/``cpu`` hierarchies
+(daemon as root; ``_cgroup``), each container gets its own cgroups, recorded in
+``spec.json`` and joined by the main process and every exec before anything else runs:
+memory is a total with no swap, pids a total, cpus a CFS quota. Otherwise rlimits:
+``memory_mb`` is RLIMIT_AS (address space per process, not a total), ``pids`` is
 RLIMIT_NPROC, which the kernel counts per uid: it is a real per-container process limit
-only with per-container uids (daemon as root); otherwise it is not applied (warning).
-``cpus`` is not enforced by this runtime (warning). Both rlimits are set with
-``prlimit`` (util-linux) in front of the command.
+only with per-container uids (daemon as root); otherwise it is not applied; ``cpus`` is
+not enforced. The size of ``/tmp`` and ``/workspace`` is never bounded
+(``enforcement()`` and docs/security.md say so). The rlimits are set with ``prlimit``
+(util-linux) in front of the command.
 
 Without bubblewrap (``isolation == "none"``, logged as a WARNING): plain processes in
 their own session and process group, cwd the workspace, ``HOME``/``TMPDIR`` pointing into
@@ -74,6 +88,7 @@ from typing import Any
 
 import berthd
 from berthd.runtime import _files, _proc
+from berthd.runtime._cgroup import CgroupV1
 from berthd.runtime._hostexec import ProcessExecStream, Spawner, run_to_completion
 from berthd.runtime._shim import EXIT_FILE, LAUNCH_FILE, STATE_FILE, write_json_atomic
 from berthd.runtime._util import ExitTracker, format_time, signal_number, utc_now
@@ -93,6 +108,7 @@ from berthd.runtime.base import (
     RuntimeUnavailable,
     SandboxNotFound,
     SandboxStatus,
+    WorkdirNotFound,
 )
 
 __all__ = ["LocalRuntime"]
@@ -164,6 +180,12 @@ def _read_json(path: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
 def _signal_sandbox(outer_pid: int, sig: int, settle: float = 2.0) -> None:
     """Signal what runs inside a bubblewrap sandbox whose outer process is ``outer_pid``.
 
@@ -200,6 +222,7 @@ class LocalRuntime(Runtime):
         poll_interval: float = 0.5,
         uid_base: int = 2_000_000_000,
         uid_count: int = 100_000,
+        use_cgroups: bool = True,
     ) -> None:
         self.node_id = node_id
         self._root = os.path.abspath(os.fspath(root_dir))
@@ -213,6 +236,8 @@ class LocalRuntime(Runtime):
         if self._as_root:
             self._check_searchable(self._root)
         self._bwrap = self._find_bwrap(use_bwrap)
+        # per-container cgroups where the host allows them (_cgroup); else rlimits only
+        self._cgroups = CgroupV1.detect(node_id) if use_cgroups else None
         if self._bwrap is None:
             log.warning(
                 "isolation: none - local containers under %s run as plain host processes "
@@ -397,8 +422,14 @@ class LocalRuntime(Runtime):
                     return True
         return False
 
-    def _limits_prefix(self, spec: dict[str, Any]) -> list[str]:
+    def _limits_prefix(self, spec: dict[str, Any], *, main: bool = False) -> list[str]:
         limits = spec.get("limits") or {}
+        procs = (spec.get("cgroup_procs") or []) if self._cgroups is not None else []
+        if procs:
+            # The cgroups hold memory, pids and cpu. An exec joins them first, as the uid;
+            # the main process is started in them by the shim, which joins them itself
+            # (no shell between the shim and bubblewrap's --die-with-parent).
+            return [] if main else CgroupV1.join_prefix(procs)
         flags: list[str] = []
         if limits.get("memory_mb"):
             flags.append(f"--as={int(limits['memory_mb']) * 1024 * 1024}")
@@ -412,7 +443,10 @@ class LocalRuntime(Runtime):
             raise RuntimeFailure("resource limits need `prlimit` (util-linux), not found")
         return [self._prlimit, *flags, "--"]
 
-    def _sandbox_argv(self, spec: dict[str, Any], paths: _Paths, workdir: str) -> list[str]:
+    def _sandbox_argv(
+        self, spec: dict[str, Any], paths: _Paths, workdir: str, fds: list[int]
+    ) -> list[str]:
+        """The bubblewrap argv; descriptors it needs (mounts) are appended to ``fds``."""
         assert self._bwrap is not None
         argv = [self._bwrap, *self._root_binds()]
         argv += ["--dev", "/dev", "--proc", "/proc"]
@@ -425,8 +459,11 @@ class LocalRuntime(Runtime):
         if spec.get("berth_dir"):
             argv += ["--bind", paths.berth, SANDBOX_BERTH_DIR]
         for mount in spec.get("mounts") or ():
-            flag = "--bind" if mount.get("mode") == "rw" else "--ro-bind"
-            argv += [flag, mount["host_path"], mount["container_path"]]
+            # by descriptor: what was just checked is what gets bound, whatever is swapped
+            fd = self.security.open_mount(mount["host_path"])
+            fds.append(fd)
+            flag = "--bind-fd" if mount.get("mode") == "rw" else "--ro-bind-fd"
+            argv += [flag, str(fd), mount["container_path"]]
         argv += ["--remount-ro", "/", "--chdir", workdir, "--unshare-all"]
         if spec.get("network"):
             argv.append("--share-net")
@@ -444,17 +481,61 @@ class LocalRuntime(Runtime):
         argv += ["--die-with-parent", "--"]
         return argv
 
+    def _workdir_exists(self, spec: dict[str, Any], paths: _Paths, workdir: str, cwd: str) -> bool:
+        """Is ``workdir`` a directory, as the sandbox will see it? Its own directories are
+        walked without following symlinks (the sandbox plants them)."""
+        if self._bwrap is None:
+            return os.path.isdir(cwd)
+        norm = os.path.normpath(workdir)
+        own = [("/workspace", paths.workspace), ("/tmp", paths.tmp)]
+        if spec.get("berth_dir"):
+            own.append((SANDBOX_BERTH_DIR, paths.berth))
+        for prefix, host in own:
+            if norm == prefix or norm.startswith(prefix + "/"):
+                return _files.is_dir(host, [p for p in norm[len(prefix) :].split("/") if p])
+        for mount in spec.get("mounts") or ():
+            target = mount["container_path"]
+            if norm == target or norm.startswith(target + "/"):
+                return _files.is_dir(mount["host_path"], [p for p in norm[len(target) :].split("/") if p])
+        top = norm.split("/")[1] if norm != "/" else ""
+        if top in ("", "proc", "dev", "run", "sys"):
+            return True  # made by bubblewrap: let it decide
+        # the host image, read-only: only what "others" may search is there for the
+        # sandbox's uid (and nothing is revealed of what is not)
+        current = "/"
+        for part in [p for p in norm.split("/") if p]:
+            try:
+                if not os.stat(current).st_mode & 0o001:
+                    return False
+            except OSError:
+                return False
+            current = os.path.join(current, part)
+        return os.path.isdir(current)
+
     def _launch(
-        self, spec: dict[str, Any], paths: _Paths, command: list[str], workdir: str | None
-    ) -> tuple[list[str], str]:
-        """The full argv (limits, sandbox, command) and the host cwd to start it in."""
-        prefix = self._limits_prefix(spec)
+        self,
+        spec: dict[str, Any],
+        paths: _Paths,
+        command: list[str],
+        workdir: str | None,
+        *,
+        main: bool = False,
+    ) -> tuple[list[str], str, list[int]]:
+        """The full argv (limits, sandbox, command), the host cwd to start it in and the
+        descriptors the process must inherit (the caller closes them once it started)."""
+        prefix = self._limits_prefix(spec, main=main)
         if self._bwrap is not None:
             inside = workdir or spec.get("workdir") or "/workspace"
-            return [*prefix, *self._sandbox_argv(spec, paths, inside), *command], "/"
+            fds: list[int] = []
+            try:
+                argv = [*prefix, *self._sandbox_argv(spec, paths, inside, fds), *command]
+            except BaseException:
+                _close_all(fds)
+                raise
+            return argv, "/", fds
         wanted = workdir or spec.get("workdir")
         cwd = self._host_path(paths, wanted) if wanted else paths.workspace
-        return [*prefix, *command], cwd
+        return [*prefix, *command], cwd, []
 
     # ------------------------------------------------------------------ status
 
@@ -531,6 +612,7 @@ class LocalRuntime(Runtime):
         if not _ID_RE.match(spec.berth_id):
             raise RuntimeFailure(f"invalid container id {spec.berth_id!r}")
         paths = self._paths(spec.berth_id)
+        spec = self._apply_profile(spec)
         self._validate(spec)
         with self._lock(spec.berth_id):
             try:
@@ -546,46 +628,73 @@ class LocalRuntime(Runtime):
                 shutil.rmtree(paths.root, ignore_errors=True)
                 raise
 
+    def _apply_profile(self, spec: ContainerSpec) -> ContainerSpec:
+        """The spec as it will run: the profile's limits (tightened by the asked ones),
+        its network, and every mount resolved to a canonical path under the mount roots."""
+        profile = self.security.profile(spec.profile)
+        if spec.mounts and self._bwrap is None:
+            raise RuntimeFailure("mounts need bubblewrap; this local runtime has isolation none")
+        return dataclasses.replace(
+            spec,
+            limits=profile.limits(spec.limits),
+            network=spec.network and profile.network,
+            mounts=self.security.resolve_mounts(spec.mounts),
+        )
+
     def _validate(self, spec: ContainerSpec) -> None:
-        for mount in spec.mounts:
-            if self._bwrap is None:
-                raise RuntimeFailure(
-                    "mounts need bubblewrap; this local runtime has isolation none"
-                )
-            target = mount.container_path
-            if not target.startswith("/") or ".." in target.split("/"):
-                raise RuntimeFailure(f"mount target must be an absolute path: {target!r}")
-            if os.path.normpath(target) in ("/", "/proc", "/dev", "/workspace", "/tmp"):
-                raise RuntimeFailure(f"cannot mount over {target}")
-            reserved = SANDBOX_BERTH_DIR
-            if os.path.commonpath([os.path.normpath(target), reserved]) == reserved:
-                raise RuntimeFailure(f"{SANDBOX_BERTH_DIR} is reserved for the shared directory")
-            if mount.mode not in ("ro", "rw"):
-                raise RuntimeFailure(f"mount mode must be 'ro' or 'rw', not {mount.mode!r}")
-            if not os.path.exists(mount.host_path):
-                raise RuntimeFailure(f"mount source {mount.host_path!r} does not exist")
         for port in spec.ports:
             if not spec.network:
-                raise RuntimeFailure("ports need network access (network is off)")
+                raise RuntimeFailure(
+                    f"ports need a network; profile {spec.profile!r} has none (use 'networked')"
+                )
             if port.host_port is not None and port.host_port != port.container_port:
                 raise RuntimeFailure(
                     "the local runtime cannot remap ports: the process listens on the host's "
                     f"network directly (asked {port.container_port} -> {port.host_port})"
                 )
         if spec.limits.cpus:
-            log.warning(
+            log.debug(
                 "local runtime: cpu limit %s for %s is not enforced",
                 spec.limits.cpus,
                 spec.berth_id,
             )
         if spec.limits.pids and not self._as_root:
-            log.warning(
+            log.debug(
                 "local runtime: pids limit for %s not enforced (needs per-container uids, "
                 "i.e. the daemon running as root)",
                 spec.berth_id,
             )
-        if (spec.limits.memory_mb or (spec.limits.pids and self._as_root)) and not self._prlimit:
+        rlimits = spec.limits.memory_mb or (spec.limits.pids and self._as_root)
+        if rlimits and self._cgroups is None and not self._prlimit:
             raise RuntimeFailure("resource limits need `prlimit` (util-linux), not found")
+
+    def enforcement(self) -> dict[str, str]:
+        bwrap = self._bwrap is not None
+        none = "not enforced (isolation none: install bubblewrap)"
+        if self._cgroups is not None:
+            pids = "pids cgroup (v1, pids.max)"
+            memory = "memory cgroup (v1, limit_in_bytes = memsw.limit_in_bytes: no swap)"
+            cpus = "CFS quota (cpu cgroup v1)"
+        else:
+            pids = ("RLIMIT_NPROC of the container's own host uid" if self._as_root
+                    else "not enforced (needs per-container uids: run the daemon as root)")
+            memory = "RLIMIT_AS per process (address space, not a total; no cgroup here)"
+            cpus = "not enforced (no cgroup here)"
+        return {
+            "capabilities": "all dropped (bubblewrap --cap-drop ALL)" if bwrap else none,
+            "no_new_privileges": "PR_SET_NO_NEW_PRIVS (set by bubblewrap)" if bwrap else none,
+            "pids": pids,
+            "memory": memory,
+            "cpus": cpus,
+            "network": "bubblewrap --unshare-net unless the profile has a network" if bwrap else none,
+            "read_only_root": "read-only binds of the host (bubblewrap --remount-ro /)" if bwrap else none,
+            "tmp": "the container's own directory (on disk, size not bounded)",
+            "mounts": "bubblewrap binds of canonical paths under mount_roots, re-resolved "
+            "before every launch" if bwrap else "refused (isolation none)",
+        }
+
+    def private_dirs(self) -> list[str]:
+        return [self._root]
 
     def _create_in(self, paths: _Paths, spec: ContainerSpec) -> SandboxStatus:
         uid = self._allocate_uid(spec.berth_id) if self._as_root else None
@@ -609,9 +718,15 @@ class LocalRuntime(Runtime):
                 if host.startswith(paths.root + "/"):
                     self._makedirs_owned(host, paths, uid)
                 elif not os.path.isdir(host):
-                    raise RuntimeFailure(f"working directory {workdir!r} does not exist")
+                    raise WorkdirNotFound(
+                        f"working directory {workdir!r} does not exist", field="workdir"
+                    )
+            if self._cgroups is not None:
+                record["cgroup_procs"] = self._cgroups.create(spec.berth_id, record["limits"], uid)
             write_json_atomic(paths.spec, record)
         except BaseException:
+            if self._cgroups is not None:
+                self._cgroups.remove(spec.berth_id, wait=0)
             self._release_uid(uid)
             raise
         return self._status(spec.berth_id, paths, record)
@@ -636,34 +751,40 @@ class LocalRuntime(Runtime):
             status = self._status(berth_id, paths, spec)
             if status.state == "running":
                 return status
+            spec = self._ensure_cgroups(berth_id, spec)
             command = list(spec.get("command") or ())
             env = self._env(spec, paths, {})
             if not command:
                 raise RuntimeFailure("no command to run (the host image has no default)")
             if not self._resolve_command(paths, command, env):
                 raise RuntimeFailure(f"executable {command[0]!r} not found in the container")
-            argv, cwd = self._launch(spec, paths, command, None)
-            for stale in (paths.state, paths.exit):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(stale)
-            uid = spec.get("uid")
-            write_json_atomic(
-                paths.launch,
-                {
-                    "argv": argv,
-                    "env": env,
-                    "cwd": cwd,
-                    "user": uid,
-                    "group": uid,
-                    "log": paths.log,
-                    "sandboxed": self._bwrap is not None,
-                },
-            )
-            shim = self._spawn_shim(paths)
+            argv, cwd, fds = self._launch(spec, paths, command, None, main=True)
+            try:
+                for stale in (paths.state, paths.exit):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(stale)
+                uid = spec.get("uid")
+                write_json_atomic(
+                    paths.launch,
+                    {
+                        "argv": argv,
+                        "env": env,
+                        "cwd": cwd,
+                        "user": uid,
+                        "group": uid,
+                        "log": paths.log,
+                        "sandboxed": self._bwrap is not None,
+                        "pass_fds": fds,
+                        "cgroup_procs": spec.get("cgroup_procs") or [],
+                    },
+                )
+                shim = self._spawn_shim(paths, fds)
+            finally:
+                _close_all(fds)  # the shim has its own copies (same numbers)
             self._wait_started(berth_id, paths, shim)
             return self._status(berth_id, paths, spec)
 
-    def _spawn_shim(self, paths: _Paths) -> subprocess.Popen[bytes]:
+    def _spawn_shim(self, paths: _Paths, fds: list[int]) -> subprocess.Popen[bytes]:
         package_parent = os.path.dirname(os.path.dirname(os.path.abspath(berthd.__file__)))
         with open(paths.shim_log, "ab") as shim_log:
             os.chmod(paths.shim_log, 0o600)
@@ -677,6 +798,7 @@ class LocalRuntime(Runtime):
                 env={"PATH": DEFAULT_PATH, "PYTHONPATH": package_parent, "LANG": "C.UTF-8"},
                 start_new_session=True,
                 close_fds=True,
+                pass_fds=fds,
             )
 
         def reap() -> None:
@@ -806,6 +928,9 @@ class LocalRuntime(Runtime):
             except FileNotFoundError:
                 raise SandboxNotFound(f"no container {berth_id} in the local runtime") from None
             shutil.rmtree(grave, ignore_errors=True)
+            if spec.get("cgroup_procs") and self._cgroups is not None:
+                # no waiting: if dying processes still hold it, the watcher collects it
+                self._cgroups.remove(berth_id, wait=0)
             self._release_uid(spec.get("uid"))
         with self._locks_guard:
             self._locks.pop(berth_id, None)
@@ -821,9 +946,13 @@ class LocalRuntime(Runtime):
         if not command:
             raise RuntimeFailure("exec needs a command")
         env = self._env(spec, paths, dict(spec_.env))
-        argv, cwd = self._launch(spec, paths, command, spec_.workdir)
-        if self._bwrap is None and not os.path.isdir(cwd):
-            raise RuntimeFailure(f"working directory {spec_.workdir!r} does not exist")
+        argv, cwd, fds = self._launch(spec, paths, command, spec_.workdir)
+        if spec_.workdir and not self._workdir_exists(spec, paths, spec_.workdir, cwd):
+            _close_all(fds)
+            raise WorkdirNotFound(
+                f"working directory {spec_.workdir!r} does not exist in the container",
+                field="workdir",
+            )
         sandboxed = self._bwrap is not None
         uid = spec.get("uid")
 
@@ -849,8 +978,16 @@ class LocalRuntime(Runtime):
             after_exit=after_exit,
             display_name=command[0],
             launcher=lambda spawn: self._track_exec(berth_id, self._spawner.submit(spawn).result()),
+            pass_fds=fds,
         )
-        return spawner, self._resolve_command(paths, command, env)
+        try:
+            found = self._resolve_command(paths, command, env)
+        except BaseException:
+            spawner.release()
+            raise
+        if not found:
+            spawner.release()
+        return spawner, found
 
     def exec(self, berth_id: str, spec: ExecSpec) -> ExecResult:
         spawner, found = self._exec_spawner(berth_id, spec)
@@ -998,6 +1135,8 @@ class LocalRuntime(Runtime):
                 statuses = None
             if statuses is not None:
                 present = {s.berth_id for s in statuses}
+                if self._cgroups is not None:
+                    self._collect_cgroups()
                 notices = [tracker.observe(s) for s in statuses]
                 notices += [tracker.vanished(b) for b in tracker.running_ids() - present]
                 tracker.prune(present)
@@ -1006,6 +1145,31 @@ class LocalRuntime(Runtime):
                         self._deliver(notice)
             self._wake.wait(self._poll_interval)
             self._wake.clear()
+
+    def _ensure_cgroups(self, berth_id: str, spec: dict[str, Any]) -> dict[str, Any]:
+        """Cgroups do not survive a reboot (the container's files do): make them again
+        before a start; without cgroup support now, fall back to the rlimits."""
+        if not spec.get("cgroup_procs"):
+            return spec
+        if self._cgroups is None:
+            return {**spec, "cgroup_procs": []}
+        try:
+            procs = self._cgroups.create(berth_id, spec.get("limits") or {}, spec.get("uid"))
+        except OSError as exc:
+            raise RuntimeFailure(f"cannot set up the cgroups of {berth_id}: {exc}") from None
+        return {**spec, "cgroup_procs": procs}
+
+    def _collect_cgroups(self) -> None:
+        """Drop the cgroups of this node's containers that no longer exist."""
+        assert self._cgroups is not None
+
+        def live() -> set[str] | None:
+            try:
+                return {e for e in os.listdir(self._root) if _ID_RE.match(e)}
+            except OSError:
+                return None
+
+        self._cgroups.collect(live)
 
     def _deliver(self, notice: ExitNotice) -> None:
         callback = self._on_exit
@@ -1025,3 +1189,6 @@ class LocalRuntime(Runtime):
             self._watch_thread = None
         # Ends the spawner thread: sandboxed execs still running die with it.
         self._spawner.shutdown(wait=False)
+        if self._cgroups is not None:
+            self._collect_cgroups()
+            self._cgroups.close()

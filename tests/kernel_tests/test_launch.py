@@ -33,17 +33,19 @@ from berthd.runtime.base import ContainerSpec, Mount, Runtime, RuntimeFailure
 from berthd.runtime.docker import DockerRuntime
 from berthd.runtime.fake import FakeRuntime
 from berthd.runtime.local import LocalRuntime
+from berthd.runtime.security import build_policy
 from tests.conftest import missing
 from tests.kernel_tests.contract import KILL_GRACE, Collector, KernelContract
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON_IMAGE = os.environ.get("BERTHD_TEST_PYTHON_IMAGE", "berthd-test/python:3.11")
 NODE = f"kt-{uuid.uuid4().hex[:6]}"
+EMPTY_BIN = os.path.join(tempfile.mkdtemp(prefix="berthd-no-bash-"), "bin")
 
 
 def _bash_mounts() -> tuple[Mount, ...]:
-    """The python test image has no bash; it is a copy of this host's python and libraries,
-    so the host's own bash runs in it. Bound read-only, for the bash kernel tests."""
+    """The host's bash bound read-only at /usr/bin/bash (ahead of the image's /bin/bash on
+    PATH): the bash kernel tests also cover a bash that comes from a host mount."""
     bash = shutil.which("bash")
     assert bash is not None
     return (Mount(host_path=os.path.realpath(bash), container_path="/usr/bin/bash", mode="ro"),)
@@ -72,9 +74,14 @@ def docker(docker_client: Any) -> Iterator[Hosted]:
         missing("Docker test image", f"{PYTHON_IMAGE} not found ({exc}); run ops/test-images.sh")
     root = tempfile.mkdtemp(prefix="berthd-kernel-docker-")
     runtime = DockerRuntime(NODE, client=docker_client, berth_root=root)
+    # the bash kernels mount the host's bash, the no-bash test an empty /bin: both are roots
+    os.mkdir(EMPTY_BIN)
+    runtime.security = build_policy(mount_roots=[os.path.dirname(_bash_mounts()[0].host_path),
+                                                 os.path.dirname(EMPTY_BIN)])
     yield Hosted(runtime, f"DockerRuntime({NODE!r}, berth_root={root!r})")
     _cleanup(runtime)
     shutil.rmtree(root, ignore_errors=True)
+    shutil.rmtree(os.path.dirname(EMPTY_BIN), ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +262,10 @@ def test_the_local_runtime_refuses_agents_by_exec(local: Hosted) -> None:
 
 def test_a_bash_kernel_without_bash_is_dead(docker: Hosted) -> None:
     docker_runtime = docker.runtime
-    berth_id, paths = start_kernel(docker_runtime, PYTHON_IMAGE, "bash")  # no bash mounted
+    # the image has bash in /bin (and nowhere else): an empty /bin over it leaves python3
+    # (in /usr/bin) and takes bash away
+    no_bash = (Mount(host_path=EMPTY_BIN, container_path="/bin", mode="ro"),)
+    berth_id, paths = start_kernel(docker_runtime, PYTHON_IMAGE, "bash", no_bash)
     try:
         with AgentClient.connect(paths.socket_path, timeout=15) as client:
             assert client.hello.state == "dead"

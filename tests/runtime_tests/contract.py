@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -29,14 +31,21 @@ from berthd.runtime.base import (
     ContainerSpec,
     ExecSpec,
     ExitNotice,
+    FileNotFound,
+    HostPathNotFound,
+    InvalidPath,
     Limits,
     Mount,
+    MountForbidden,
     Runtime,
     RuntimeError_,
     RuntimeFailure,
     SandboxNotFound,
     SandboxStatus,
+    UnknownProfile,
+    WorkdirNotFound,
 )
+from berthd.runtime.security import build_policy
 
 _SESSION = uuid.uuid4().hex[:6]
 _COUNTER = itertools.count()
@@ -91,6 +100,9 @@ class RuntimeContract:
     expected_isolation: ClassVar[frozenset[str]]
     # How long a poll-based watcher may need beyond its first notice to (wrongly) repeat it.
     duplicate_window: ClassVar[float] = 1.2
+    # /tmp under a read-only-root profile is a tmpfs that exists only while the container
+    # runs (Docker), rather than a directory of its own that outlives it (local, fake).
+    tmp_only_while_running: ClassVar[bool] = False
 
     # ---------------------------------------------------------------- hooks
 
@@ -509,8 +521,22 @@ class RuntimeContract:
             runtime.get_file(berth_id, "/tmp")
 
     def test_files_of_a_created_container(self, runtime: Runtime) -> None:
+        # a profile without a read-only root: what is put before the start stays
+        runtime.security = build_policy({"writable": {"read_only_root": False}})
+        spec = self.spec(profile="writable")
+        runtime.create(spec)
+        runtime.put_file(spec.berth_id, "/tmp/seed.txt", b"seed")
+        assert runtime.get_file(spec.berth_id, "/tmp/seed.txt") == b"seed"
+        runtime.start(spec.berth_id)
+        assert runtime.get_file(spec.berth_id, "/tmp/seed.txt") == b"seed"
+
+    def test_tmp_of_a_created_container_under_the_default_profile(self, runtime: Runtime) -> None:
         spec = self.spec()
         runtime.create(spec)
+        if self.tmp_only_while_running:
+            with pytest.raises(InvalidPath, match="start it first"):
+                runtime.put_file(spec.berth_id, "/tmp/seed.txt", b"seed")
+            runtime.start(spec.berth_id)
         runtime.put_file(spec.berth_id, "/tmp/seed.txt", b"seed")
         assert runtime.get_file(spec.berth_id, "/tmp/seed.txt") == b"seed"
 
@@ -565,3 +591,151 @@ class RuntimeContract:
         mount = Mount(host_path="/tmp", container_path=SANDBOX_BERTH_DIR + "/sub", mode="ro")
         with pytest.raises(RuntimeFailure):
             runtime.create(self.spec(berth_dir=True, mounts=(mount,)))
+
+    # ---------------------------------------------------------------- client errors
+
+    def test_client_errors_have_their_own_classes(self, runtime: Runtime) -> None:
+        berth_id = self.running(runtime)
+        with pytest.raises(FileNotFound) as missing_file:
+            runtime.get_file(berth_id, "/tmp/no-such-file")
+        assert missing_file.value.code == "PATH_NOT_FOUND"
+        with pytest.raises(FileNotFound):
+            runtime.put_file(berth_id, "/tmp/no-such-dir/file", b"x")
+        with pytest.raises(InvalidPath) as directory:
+            runtime.get_file(berth_id, "/tmp")
+        assert directory.value.code == "INVALID_PATH"
+        with pytest.raises(WorkdirNotFound) as workdir:
+            runtime.exec(berth_id, ExecSpec(command=("pwd",), workdir="/tmp/no-such-dir"))
+        assert workdir.value.code == "WORKDIR_NOT_FOUND"
+        with pytest.raises(UnknownProfile) as profile:
+            runtime.create(self.spec(profile="no-such-profile"))
+        assert profile.value.details == {"field": "profile"}
+
+    # ---------------------------------------------------------------- security profiles
+
+    # Whether the runtime enforces profiles at all (the fake and local without bubblewrap
+    # do not: /v1/info says so).
+    enforces_profiles: ClassVar[bool] = True
+    # Whether it can mount host paths (local without bubblewrap cannot).
+    mounts_supported: ClassVar[bool] = True
+
+    def _require_enforcement(self) -> None:
+        if not self.enforces_profiles:
+            pytest.skip("this runtime does not enforce profiles (its enforcement() says so)")
+
+    def test_enforcement_is_stated(self, runtime: Runtime) -> None:
+        enforced = runtime.enforcement()
+        for part in ("capabilities", "no_new_privileges", "pids", "memory", "cpus", "network",
+                     "read_only_root", "tmp", "mounts"):
+            assert enforced.get(part), part
+        if self.enforces_profiles:
+            assert "not enforced" not in enforced["capabilities"]
+            assert "not enforced" not in enforced["network"]
+
+    def test_default_profile_inside_the_sandbox(self, runtime: Runtime) -> None:
+        self._require_enforcement()
+        berth_id = self.running(runtime)
+        status = runtime.exec(berth_id, ExecSpec(command=("cat", "/proc/self/status")))
+        fields = dict(
+            line.split(":", 1) for line in status.stdout.decode().splitlines() if ":" in line
+        )
+        assert fields["CapEff"].strip() == "0000000000000000"
+        assert fields["CapPrm"].strip() == "0000000000000000"
+        assert fields["NoNewPrivs"].strip() == "1"
+        root = runtime.exec(berth_id, ExecSpec(command=("sh", "-c", "echo x > /berth-probe")))
+        assert root.exit_code != 0
+        assert b"Read-only file system" in root.stderr
+        tmp = runtime.exec(
+            berth_id, ExecSpec(command=("sh", "-c", "echo ok > /tmp/probe && cat /tmp/probe"))
+        )
+        assert (tmp.exit_code, tmp.stdout) == (0, b"ok\n")
+        interfaces = runtime.exec(berth_id, ExecSpec(command=("cat", "/proc/net/dev")))
+        names = [
+            line.split(":", 1)[0].strip()
+            for line in interfaces.stdout.decode().splitlines()[2:]
+            if ":" in line
+        ]
+        assert names == ["lo"]
+
+    def test_a_profile_pids_limit_stops_a_fork_bomb(self, runtime: Runtime) -> None:
+        self._require_enforcement()
+        if not runtime.enforcement()["pids"].startswith(("pids cgroup", "RLIMIT_NPROC")):
+            pytest.skip(f"pids not enforced here: {runtime.enforcement()['pids']}")
+        runtime.security = build_policy({"tiny": {"pids": 16}})
+        berth_id = self.running(runtime, profile="tiny")
+        bomb = 'i=0; while [ $i -lt 40 ]; do sleep 3 & i=$((i+1)); done; wait; echo done'
+        result = runtime.exec(berth_id, ExecSpec(command=("sh", "-c", bomb), timeout=30))
+        assert result.stderr, result  # "can't fork" / "Resource temporarily unavailable"
+        assert b"fork" in result.stderr.lower() or b"unavailable" in result.stderr.lower()
+
+    def test_a_profile_memory_limit_stops_a_memory_hog(self, runtime: Runtime) -> None:
+        self._require_enforcement()
+        runtime.security = build_policy({"small": {"memory_mb": 64}})
+        berth_id = self.running(runtime, profile="small")
+        hog = "awk 'BEGIN { s = \"x\"; while (length(s) < 268435456) s = s s; print length(s) }'"
+        result = runtime.exec(berth_id, ExecSpec(command=("sh", "-c", hog), timeout=60))
+        assert result.exit_code != 0, result
+        assert b"268435456" not in result.stdout
+
+    def test_asked_limits_only_tighten_the_profile(self, runtime: Runtime) -> None:
+        profile = runtime.security.profile("default")
+        assert profile.limits(Limits(memory_mb=4096, pids=10)) == Limits(
+            memory_mb=1024, cpus=1.0, pids=10
+        )
+
+    # ---------------------------------------------------------------- host mounts
+
+    def _mount_root(self) -> str:
+        root = tempfile.mkdtemp(prefix="berthd-roots-", dir="/tmp")
+        os.chmod(root, 0o755)
+        self._cleanup.append(root)
+        return root
+
+    @pytest.fixture(autouse=True)
+    def _roots(self) -> Iterator[None]:
+        self._cleanup: list[str] = []
+        yield
+        for path in self._cleanup:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def test_mounts_only_under_the_roots(self, runtime: Runtime) -> None:
+        if not self.mounts_supported:
+            pytest.skip("no mounts on this runtime")
+        root = self._mount_root()
+        os.mkdir(os.path.join(root, "inside"))
+        os.symlink("/etc", os.path.join(root, "out"))
+        os.symlink("inside", os.path.join(root, "in"))
+        runtime.security = build_policy(mount_roots=[root])
+
+        def create(host_path: str) -> None:
+            mount = Mount(host_path=host_path, container_path="/data")
+            runtime.create(self.spec(mounts=(mount,)))
+
+        with pytest.raises(MountForbidden):
+            create("/etc")  # no root
+        with pytest.raises(MountForbidden):
+            create(os.path.join(root, "out"))  # a symlink out of the root
+        with pytest.raises(MountForbidden):
+            create(os.path.join(root, "inside", "..", ".."))  # climbs out
+        with pytest.raises(HostPathNotFound):
+            create(os.path.join(root, "missing"))
+        runtime.security = build_policy(mount_roots=["/"])
+        for control in ("/var/run/docker.sock", "/run", "/proc", "/sys", "/dev", "/etc", "/"):
+            with pytest.raises(MountForbidden):
+                create(control)
+        runtime.security = build_policy(mount_roots=[root])
+        create(os.path.join(root, "in"))  # a symlink that stays inside is fine
+
+    def test_a_mount_swapped_for_a_symlink_after_create_is_refused(self, runtime: Runtime) -> None:
+        self._require_enforcement()
+        root = self._mount_root()
+        data = os.path.join(root, "data")
+        os.mkdir(data)
+        runtime.security = build_policy(mount_roots=[root])
+        spec = self.spec(mounts=(Mount(host_path=data, container_path="/data"),))
+        runtime.create(spec)
+        os.rename(data, data + ".old")
+        os.symlink("/etc", data)
+        with pytest.raises(MountForbidden):
+            runtime.start(spec.berth_id)
+        assert runtime.inspect(spec.berth_id).state != "running"

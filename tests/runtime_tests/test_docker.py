@@ -27,6 +27,7 @@ from berthd.runtime.base import (
     RuntimeUnavailable,
 )
 from berthd.runtime.docker import DockerRuntime
+from berthd.runtime.security import build_policy
 from tests.conftest import BUSYBOX_IMAGE, missing
 from tests.runtime_tests.contract import Notices, RuntimeContract
 
@@ -35,6 +36,7 @@ class TestDockerRuntime(RuntimeContract):
     image = BUSYBOX_IMAGE
     expected_isolation = frozenset({"container"})
     duplicate_window = 1.2  # the poll runs every 0.5 s here
+    tmp_only_while_running = True
 
     @pytest.fixture(autouse=True)
     def _client(self, docker_client: Any) -> None:
@@ -52,6 +54,7 @@ class TestDockerRuntime(RuntimeContract):
     def test_container_settings(self, runtime: Runtime) -> None:
         shared = tempfile.mkdtemp(prefix="berthd-docker-mount-")
         Path(shared, "data.txt").write_text("from the host\n")
+        runtime.security = build_policy(mount_roots=[shared])
         try:
             berth_id = self.running(
                 runtime,
@@ -76,6 +79,10 @@ class TestDockerRuntime(RuntimeContract):
             assert host["MemorySwap"] == 64 * 1024 * 1024
             assert host["NanoCpus"] == 500_000_000
             assert host["PidsLimit"] == 64
+            assert host["CapDrop"] == ["ALL"]
+            assert host["SecurityOpt"] == ["no-new-privileges:true"]
+            assert host["ReadonlyRootfs"] is True
+            assert labels["berth.profile"] == "default"
             assert "GREETING=hi" in attrs["Config"]["Env"]
             read = runtime.exec(berth_id, ExecSpec(command=("cat", "/data/data.txt")))
             assert read.stdout == b"from the host\n"
@@ -84,8 +91,19 @@ class TestDockerRuntime(RuntimeContract):
         finally:
             shutil.rmtree(shared, ignore_errors=True)
 
+    def test_the_default_profile_on_the_engine(self, runtime: Runtime) -> None:
+        berth_id = self.running(runtime)
+        host = self.client.containers.get(f"berth-{berth_id}").attrs["HostConfig"]
+        assert (host["Memory"], host["MemorySwap"]) == (1 << 30, 1 << 30)  # 1 GiB, no swap
+        assert (host["NanoCpus"], host["PidsLimit"]) == (1_000_000_000, 256)
+        assert (host["NetworkMode"], host["ReadonlyRootfs"], host["CapDrop"]) == ("none", True, ["ALL"])
+        tmp = [m for m in host["Mounts"] if m["Target"] == "/tmp"]
+        assert tmp and tmp[0]["VolumeOptions"]["DriverConfig"]["Options"]["type"] == "tmpfs"
+        mounted = runtime.exec(berth_id, ExecSpec(command=("sh", "-c", "grep ' /tmp ' /proc/mounts")))
+        assert mounted.stdout.split()[2] == b"tmpfs"
+
     def test_ports_are_published_on_loopback_only(self, runtime: Runtime) -> None:
-        spec = self.spec(ports=(PortMapping(container_port=8080),))
+        spec = self.spec(ports=(PortMapping(container_port=8080),), profile="networked")
         runtime.create(spec)
         bindings = self.client.containers.get(f"berth-{spec.berth_id}").attrs["HostConfig"][
             "PortBindings"

@@ -20,6 +20,7 @@ from tests.runtime_tests.contract import Notices, RuntimeContract
 class TestFakeRuntime(RuntimeContract):
     image = "host"
     expected_isolation = frozenset({"none"})
+    enforces_profiles = False
     duplicate_window = 0.3
 
     def make_runtime(self, node_id: str) -> Runtime:

@@ -27,6 +27,7 @@ from berthd.runtime.base import (
     RuntimeFailure,
 )
 from berthd.runtime.local import LocalRuntime
+from berthd.runtime.security import build_policy
 from tests.conftest import missing
 from tests.runtime_tests.contract import Notices, RuntimeContract, wait_until
 
@@ -222,18 +223,74 @@ class TestLocalBubblewrap(_LocalContract):
             "lo",
         ]
 
+    def test_the_default_profile_as_cgroups(self, runtime: Runtime) -> None:
+        spec_of = lambda b: json.loads(Path(self.root, b, "spec.json").read_text())  # noqa: E731
+        berth_id = self.running(runtime)
+        procs = spec_of(berth_id).get("cgroup_procs")
+        if not procs:
+            pytest.skip(f"no cgroups on this host: {runtime.enforcement()['memory']}")
+        assert runtime.enforcement()["cpus"].startswith("CFS quota")
+        by_controller = {p.split("/")[4]: os.path.dirname(p) for p in procs}
+        memory = Path(by_controller["memory"], "memory.limit_in_bytes").read_text().strip()
+        assert memory == str(1 << 30)
+        assert Path(by_controller["pids"], "pids.max").read_text().strip() == "256"
+        assert Path(by_controller["cpu"], "cpu.cfs_quota_us").read_text().strip() == "100000"
+        # the main process and an exec are both in them
+        main = set(Path(procs[0]).read_text().split())
+        assert len(main) >= 3  # the shim, bubblewrap, its init, sleep
+        exec_ = runtime.exec_stream(berth_id, ExecSpec(command=("sleep", "5")))
+        try:
+            assert wait_until(lambda: len(set(Path(procs[0]).read_text().split()) - main) >= 2)
+        finally:
+            exec_.close()
+        # cgroups do not survive a reboot, the container does: a start makes them again
+        runtime.stop(berth_id, timeout=5)
+        for proc in procs:
+            assert wait_until(lambda p=proc: _rmdir(os.path.dirname(p)))
+        assert runtime.start(berth_id).state == "running"
+        assert Path(by_controller["pids"], "pids.max").read_text().strip() == "256"
+        assert len(Path(procs[0]).read_text().split()) >= 3
+        runtime.remove(berth_id, force=True)
+        runtime.watch(lambda notice: None)  # its poll collects what was still busy
+        assert wait_until(lambda: not any(os.path.exists(os.path.dirname(p)) for p in procs))
+
+    def test_the_default_profile_as_rlimits(self, local_root: str) -> None:
+        runtime = LocalRuntime(local_root, "rlimits-" + uuid.uuid4().hex[:6], use_bwrap=True, use_cgroups=False)
+        self.node_id, self.nodes = runtime.node_id, {runtime.node_id}
+        try:
+            berth_id = self.running(runtime)
+            limits = runtime.exec(berth_id, ExecSpec(command=("cat", "/proc/self/limits"))).stdout.decode()
+            rows = {line[:26].strip(): line[26:].split() for line in limits.splitlines()[1:]}
+            assert rows["Max address space"][:2] == [str(1 << 30)] * 2  # memory_mb 1024, per process
+            if AS_ROOT:
+                assert rows["Max processes"][:2] == ["258", "258"]  # pids 256 + bubblewrap's two
+            enforced = runtime.enforcement()
+            assert enforced["cpus"].startswith("not enforced")
+            assert enforced["pids"].startswith("RLIMIT_NPROC" if AS_ROOT else "not enforced")
+            runtime.security = build_policy({"small": {"memory_mb": 64, "pids": 16}})
+            small = self.running(runtime, profile="small")
+            hog = "awk 'BEGIN { s = \"x\"; while (length(s) < 268435456) s = s s; print length(s) }'"
+            result = runtime.exec(small, ExecSpec(command=("sh", "-c", hog), timeout=60))
+            assert result.exit_code != 0 and b"268435456" not in result.stdout
+        finally:
+            for status in runtime.list_managed(runtime.node_id):
+                runtime.remove(status.berth_id, force=True)
+            runtime.close()
+
     def test_network_when_asked(self, runtime: Runtime) -> None:
+        count = ExecSpec(command=("sh", "-c", "tail -n +3 /proc/net/dev | wc -l"))
+        berth_id = self.running(runtime, network=True, profile="networked")
+        assert int(runtime.exec(berth_id, count).stdout) >= 2  # lo and the host's interfaces
+        # the default profile has no network, whatever the spec asks
         berth_id = self.running(runtime, network=True)
-        result = runtime.exec(
-            berth_id, ExecSpec(command=("sh", "-c", "tail -n +3 /proc/net/dev | wc -l"))
-        )
-        assert int(result.stdout) >= 2  # lo and the host's interfaces
+        assert int(runtime.exec(berth_id, count).stdout) == 1  # lo only
 
     def test_mounts(self, runtime: Runtime, local_root: str) -> None:
         shared = tempfile.mkdtemp(prefix="berthd-mount-", dir="/tmp")
         os.chmod(shared, 0o755)
         Path(shared, "data.txt").write_text("from the host\n")
         os.chmod(Path(shared, "data.txt"), 0o644)
+        runtime.security = build_policy(mount_roots=[shared])
         try:
             berth_id = self.running(
                 runtime, mounts=(Mount(host_path=shared, container_path="/data", mode="ro"),)
@@ -243,6 +300,14 @@ class TestLocalBubblewrap(_LocalContract):
             write = runtime.exec(berth_id, ExecSpec(command=("sh", "-c", "echo x > /data/new")))
             assert write.exit_code != 0
             assert not Path(shared, "new").exists()
+            # bound by descriptor (what was checked is what is bound), none of them leaked
+            launch = json.loads(Path(self.root, berth_id, "launch.json").read_text())
+            assert "--ro-bind-fd" in launch["argv"] and launch["pass_fds"]
+            open_fds = len(os.listdir("/proc/self/fd"))
+            for _ in range(5):
+                runtime.exec(berth_id, ExecSpec(command=("true",)))
+                runtime.exec(berth_id, ExecSpec(command=("no-such-command",)))
+            assert len(os.listdir("/proc/self/fd")) <= open_fds
         finally:
             shutil.rmtree(shared, ignore_errors=True)
 
@@ -259,9 +324,19 @@ class TestLocalBubblewrap(_LocalContract):
         assert status.state == "exited" and status.exit_code is None
 
 
+def _rmdir(path: str) -> bool:
+    try:
+        os.rmdir(path)
+    except OSError:
+        return False
+    return True
+
+
 class TestLocalPlain(_LocalContract):
     use_bwrap = False
     expected_isolation = frozenset({"none"})
+    enforces_profiles = False
+    mounts_supported = False
 
     def test_isolation_none_is_loud(self, caplog: pytest.LogCaptureFixture) -> None:
         with caplog.at_level(logging.WARNING, logger="berthd.runtime.local"):

@@ -19,7 +19,7 @@ from berthd.http.wire import decode_body, query_int, read_body, send_json
 from berthd.runtime import base as rt
 
 __all__ = ["ContainerCollection", "ContainerItem", "ContainerAction", "ContainerExec",
-           "ContainerLogs", "ContainerFiles"]
+           "ContainerLogs", "ContainerFiles", "check_profile", "check_security"]
 
 STATUSES = ("creating", "created", "running", "stopping", "exited", "removed", "lost")
 
@@ -30,6 +30,7 @@ class ContainerCollection:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         cmd = decode_body(req, c.CreateContainer, self.deps.limits.max_body_bytes)
+        check_security(self.deps, cmd)
         ctx = context_of(req)
         # on Docker every container gets a shared directory, so a kernel can join it later
         berth_dir = (cmd.runtime or self.deps.default_runtime) == "docker"
@@ -177,6 +178,34 @@ class ContainerFiles:
         resp.content_type = "application/octet-stream"
         resp.set_header("X-Duration-Ms", f"{(time.monotonic() - started) * 1000:.1f}")
         resp.data = data
+
+
+def check_profile(deps: Deps, runtime_name: str | None, profile: str) -> None:
+    """400 (field ``profile``) for a profile the runtime does not know, before anything is
+    appended: for the resources that create sandboxes later (kernels, sessions, runs)."""
+    runtime = deps.runtimes.get(runtime_name or deps.default_runtime)
+    if runtime is not None:
+        try:
+            runtime.security.profile(profile)
+        except rt.RuntimeError_ as exc:
+            raise map_runtime_error(exc) from exc
+
+
+def check_security(deps: Deps, cmd: c.CreateContainer) -> None:
+    """Refuse an unknown profile, a mount outside the mount roots, or ports without a
+    network before anything is appended (the runtime checks the mounts again at create and
+    before every start: the log records the request, the runtime what it resolved to)."""
+    runtime = deps.runtimes.get(cmd.runtime or deps.default_runtime)
+    if runtime is None:
+        return  # the supervisor refuses an unknown runtime with its own message
+    try:
+        profile = runtime.security.profile(cmd.profile)
+        runtime.security.resolve_mounts(rt.Mount(m.host_path, m.container_path, m.mode) for m in cmd.mounts)
+    except rt.RuntimeError_ as exc:
+        raise map_runtime_error(exc) from exc
+    if cmd.ports and not profile.network:
+        raise ValidationError(
+            f"ports need a network; profile {profile.name!r} has none (use 'networked')", field="ports")
 
 
 def _runtime_of(deps: Deps, state: c.ContainerState) -> rt.Runtime:

@@ -62,7 +62,8 @@ def info(deps: Deps) -> dict[str, object]:
             available = True
         except Exception:
             available = False
-        runtimes[name] = {"available": available, "isolation": runtime.isolation}
+        runtimes[name] = {"available": available, "isolation": runtime.isolation,
+                          "enforced": runtime.enforcement()}
     default = deps.runtimes[deps.default_runtime]
     out: dict[str, object] = {
         "version": deps.version,
@@ -71,6 +72,7 @@ def info(deps: Deps) -> dict[str, object]:
         "runtimes": runtimes,
         "default_runtime": deps.default_runtime,
         "isolation": default.isolation,
+        "security": default.security.describe(),
         "counts": {
             "containers": deps.containers.counts(),
             "kernels": deps.kernels_view.counts(),
