@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-__all__ = ["Config", "ConfigError", "LimitsConfig", "ServerConfig", "load_config", "parse_listen",
+__all__ = ["Config", "ConfigError", "LimitsConfig", "ProfileConfig", "QuotasConfig", "RateLimitsConfig", "ServerConfig", "load_config", "parse_listen",
            "default_data_dir", "ENV_FIELDS"]
 
 
@@ -28,10 +28,50 @@ class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ws_queue_events: Annotated[int, msgspec.Meta(ge=1)] = 1000
 
 
+class RateLimitsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Requests per minute per API key, one token bucket per budget (defaults for keys that
+    set none). ``executions``: container exec, kernel and session execute, /v1/run;
+    ``sessions``: session creation; ``general``: everything else."""
+
+    general: Annotated[int, msgspec.Meta(ge=1)] = 100
+    executions: Annotated[int, msgspec.Meta(ge=1)] = 50
+    sessions: Annotated[int, msgspec.Meta(ge=1)] = 20
+
+
+class QuotasConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Live entities one ``user`` key may hold at once (defaults for keys that set none)."""
+
+    containers: Annotated[int, msgspec.Meta(ge=0)] = 50
+    kernels: Annotated[int, msgspec.Meta(ge=0)] = 20
+    sessions: Annotated[int, msgspec.Meta(ge=0)] = 20
+
+
 class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     threads: Annotated[int, msgspec.Meta(ge=1, le=512)] = 16
     connection_limit: Annotated[int, msgspec.Meta(ge=1)] = 200
     channel_timeout: Annotated[int, msgspec.Meta(ge=1)] = 120
+    header_timeout: Annotated[float, msgspec.Meta(gt=0)] = 10.0  # a request's headers must arrive in this
+    request_timeout: Annotated[float, msgspec.Meta(gt=0)] = 120.0  # ... and the whole request in this
+    per_client_connections: Annotated[int, msgspec.Meta(ge=1)] = 100  # open TCP connections per client address
+
+
+# --- security: profiles and host roots (berthd.runtime.security) -----------------------
+
+
+class ProfileConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One ``[profiles.NAME]`` table: the fields it leaves out come from the built-in profile
+    of that name, else from ``default``; a limit of 0 means no limit. Capabilities are
+    always dropped and no-new-privileges always set: no profile can change that."""
+
+    network: bool | None = None
+    memory_mb: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    cpus: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    pids: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    read_only_root: bool | None = None
+    tmp_size_mb: Annotated[int, msgspec.Meta(ge=1)] | None = None
+
+
+ProfileName = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -47,9 +87,21 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pool_size: Annotated[int, msgspec.Meta(ge=0, le=64)] = 2  # warm sandboxes per (runtime, image, profile)
     pool_image: str = ""  # /v1/run's default image: "" = host on local, busybox:latest on docker
     kernel_image: str = ""  # default image of a kernel's sandbox: "" = python:3.11-slim on docker, host on local
+    # seconds a Docker API call may take before the engine counts as unreachable (503): below
+    # 10 so that a hung engine is reported within 10 s; streams (exec, logs, pulls) are exempt
+    docker_timeout: Annotated[float, msgspec.Meta(gt=0, le=600)] = 8.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    rate_limits: RateLimitsConfig = msgspec.field(default_factory=RateLimitsConfig)
+    quotas: QuotasConfig = msgspec.field(default_factory=QuotasConfig)
+    idempotency_ttl: Annotated[float, msgspec.Meta(gt=0)] = 86400.0  # seconds an Idempotency-Key is kept
+    # security (berthd.runtime.security): extra or redefined profiles, the host roots
+    # mounts may come from (none by default) and the ones /v1/host/directories browses
+    # (default: the mount roots, else the daemon user's home)
+    profiles: dict[ProfileName, ProfileConfig] = {}
+    mount_roots: list[str] = []
+    host_roots: list[str] | None = None
 
 
 ENV_FIELDS = {
@@ -133,6 +185,10 @@ def _check(values: dict[str, Any], source: str) -> Config:
         if "unknown field" in text.lower():
             name = text.split("`")[1] if "`" in text else "?"
             known = ", ".join(f for f in Config.__struct_fields__)
+            if "at `$.profiles[" in text:  # inside a [profiles.NAME] table
+                known = ", ".join(ProfileConfig.__struct_fields__)
+                raise ConfigError(f"{source}: unknown field '{name}' in a [profiles.NAME] table "
+                                  f"(known fields: {known})") from None
             raise ConfigError(f"{source}: unknown field '{name}' (known fields: {known})") from None
         raise ConfigError(f"{source}: {text}") from None
 

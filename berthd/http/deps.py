@@ -16,11 +16,15 @@ from berthd.events.readmodels import (
     ContainersView,
     ImagesView,
     KernelsView,
+    KeysView,
     ResultsView,
     SessionsView,
 )
 from berthd.events.store import EventStore
 from berthd.http.auth import Authenticator
+from berthd.http.idempotency import IdempotencyStore
+from berthd.http.keypolicy import KeyDefaults
+from berthd.http.ratelimit import RateLimiter
 from berthd.runtime.base import Runtime
 
 __all__ = ["Deps", "Limits"]
@@ -62,3 +66,7 @@ class Deps:
     results: ResultsView = field(default_factory=ResultsView)
     sessions: SessionSupervisor | None = None  # None: sessions are not served (503)
     sessions_view: SessionsView = field(default_factory=SessionsView)
+    keys: KeysView = field(default_factory=KeysView)  # the same view the Authenticator checks
+    key_defaults: KeyDefaults = field(default_factory=KeyDefaults)
+    rate_limiter: RateLimiter | None = None  # None: create_app makes one on the system clock
+    idempotency: IdempotencyStore | None = None  # None: Idempotency-Key is not honoured

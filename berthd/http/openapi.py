@@ -14,8 +14,12 @@ import swagger_ui_bundle
 from berthd.domain import container as c
 from berthd.domain import image as im
 from berthd.domain import kernel as k
+from berthd.domain import node as n
 from berthd.domain import session as se
 from berthd.http import views as v
+from berthd.http.resources import host
+from berthd.http.resources import keys as kv
+from berthd.http.resources import run as rv
 from berthd.http.resources import sessions as sv
 
 __all__ = ["build_openapi", "OpenAPIResource", "DocsResource", "DocsAsset"]
@@ -57,7 +61,71 @@ _KID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string
         "description": "kernel id or name"}
 _SID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
         "description": "session id or name"}
+_KEY = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}, "description": "key id"}
 _LIST = [_q("limit", "integer"), _q("offset", "integer")]
+
+_INT_HEADER = {"schema": {"type": "integer"}}
+_RATE_HEADERS = {
+    "X-RateLimit-Limit": {"description": "the budget's requests per minute (limited keys only)", **_INT_HEADER},
+    "X-RateLimit-Remaining": {"description": "requests left in the budget now", **_INT_HEADER},
+    "X-RateLimit-Reset": {"description": "seconds until the budget is full again", **_INT_HEADER},
+}
+_IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key", "in": "header", "required": False,
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]+$"},
+    "description": "a retry with the same key and body replays the first answer (24 h, per key); "
+                   "another body: 422 IDEMPOTENCY_KEY_REUSED; while the first runs: 409 IDEMPOTENCY_IN_PROGRESS",
+}
+_IF_MATCH = {
+    "name": "If-Match", "in": "header", "required": False, "schema": {"type": "string"},
+    "description": "the ETag of the entity as last seen: another version answers 412 PRECONDITION_FAILED",
+}
+_VERSIONED = ("/v1/containers/{id}", "/v1/kernels/{id}", "/v1/sessions/{id}")
+"""Entities served with an ETag, whose mutations honour If-Match (sub-paths included)."""
+
+ERROR_CODES = (
+    "VALIDATION_ERROR 400, UNAUTHORIZED 401, FORBIDDEN 403, POLICY_DENIED 403, QUOTA_EXCEEDED 403, "
+    "NOT_FOUND 404 (and CONTAINER_, KERNEL_, SESSION_, RESULT_, KEY_NOT_FOUND), CONFLICT 409, "
+    "IDEMPOTENCY_IN_PROGRESS 409, PRECONDITION_FAILED 412, PAYLOAD_TOO_LARGE 413, UNPROCESSABLE 422, "
+    "IDEMPOTENCY_KEY_REUSED 422, RATE_LIMITED 429 (with Retry-After), RUNTIME_UNAVAILABLE 503, "
+    "PATH_NOT_FOUND 404, INVALID_PATH 400, WORKDIR_NOT_FOUND 400, PATH_FORBIDDEN 403, MOUNT_FORBIDDEN 403, "
+    "INTERNAL_ERROR 500"
+)
+
+
+def _add_safety(paths: dict[str, Any]) -> None:
+    """What every operation shares: rate-limit headers and 429 on authenticated ones,
+    Idempotency-Key (409, 422) on POST, ETag on versioned GETs, If-Match (412) on their
+    mutations."""
+    for path, item in paths.items():
+        versioned = any(path == p or path.startswith(p + "/") for p in _VERSIONED)
+        for method, op in item.items():
+            responses = op["responses"]
+            if op.get("security") == []:
+                continue
+            for status, answer in responses.items():
+                if status.startswith("2"):
+                    answer["headers"] = dict(_RATE_HEADERS)
+                    if versioned and method == "get" and path in _VERSIONED:
+                        answer["headers"]["ETag"] = {"description": "the entity's version, for If-Match",
+                                                     "schema": {"type": "string"}}
+            responses["429"] = {"description": "RATE_LIMITED", "headers": {
+                "Retry-After": {"description": "seconds until the budget has a request again", **_INT_HEADER},
+                **_RATE_HEADERS}, **_json(_ERR)}
+            params = list(op.get("parameters", []))
+            if method == "post":
+                params.append(_IDEMPOTENCY_KEY)
+                for status, code in (("409", "CONFLICT"), ("422", "UNPROCESSABLE")):
+                    responses.setdefault(status, {"description": code, **_json(_ERR)})
+            if versioned and method in ("post", "put", "delete"):
+                params.append(_IF_MATCH)
+                responses["412"] = {"description": "PRECONDITION_FAILED", **_json(_ERR)}
+            if method in ("post", "put") and "requestBody" in op:
+                responses.setdefault("413", {"description": "PAYLOAD_TOO_LARGE", **_json(_ERR)})
+            if method == "post" and path in ("/v1/containers", "/v1/kernels", "/v1/sessions"):
+                responses.setdefault("403", {"description": "QUOTA_EXCEEDED", **_json(_ERR)})
+            if params:
+                op["parameters"] = params
 
 
 def build_openapi(version: str) -> dict[str, Any]:
@@ -67,7 +135,8 @@ def build_openapi(version: str) -> dict[str, Any]:
         v.ImageList, v.EventView, v.EventList, v.RemovedView, v.ErrorBody,
         k.CreateKernel, k.ExecuteCode, v.KernelView, v.KernelList, v.ResultView,
         se.CreateSession, se.ExecuteInSession, se.ExecuteWithRetry, sv.SessionView, sv.SessionList,
-        sv.SessionResultView, sv.RetryResultView,
+        sv.SessionResultView, sv.RetryResultView, n.CreateApiKey, kv.KeyView, kv.KeyCreatedView, kv.KeyList,
+        rv.RunRequest, rv.RunView, host.ListHostDirectory,
     ]
     _, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
     obj = {"type": "object"}
@@ -146,12 +215,32 @@ def build_openapi(version: str) -> dict[str, Any]:
             _q("after", "integer"), _q("limit", "integer"), _q("type"), _q("kind"), _q("entity")],
             errors=(400, 401))},
         "/v1/audit": {"get": _op("Who did what, when", 200, obj, params=[
-            *_LIST, _q("entity"), _q("since"), _q("principal")], errors=(400, 401))},
+            *_LIST, _q("entity"), _q("since"), _q("principal")], errors=(400, 401, 403))},
+        "/v1/run": {"post": _op("Run one command in a fresh sandbox (from the warm pool when fast)", 200,
+                                _ref(rv.RunView), rv.RunRequest, errors=(400, 401, 404, 502, 503))},
+        "/v1/keys": {
+            "post": _op("Create an API key (admin only); the secret is in this answer only", 201,
+                        _ref(kv.KeyCreatedView), n.CreateApiKey, errors=(400, 401, 403, 409)),
+            "get": _op("List API keys, without secrets (admin only)", 200, _ref(kv.KeyList),
+                       params=[*_LIST, _q("revoked", "boolean", "include revoked keys")], errors=(400, 401, 403)),
+        },
+        "/v1/host/directories": {"post": _op(
+            "List a host directory under the configured host roots (admin only; never outside them)",
+            200, obj, host.ListHostDirectory, errors=(400, 401, 403, 404))},
+        "/v1/keys/{id}": {
+            "get": _op("Inspect an API key (admin only)", 200, _ref(kv.KeyView), params=[_KEY],
+                       errors=(401, 403, 404)),
+            "delete": _op("Revoke an API key (admin only): it gets 401 from this answer on", 200,
+                          _ref(kv.KeyView), params=[_KEY], errors=(401, 403, 404, 409)),
+        },
     }
+    _add_safety(paths)
     return {
         "openapi": "3.1.0",
         "info": {"title": "berthd", "version": version,
-                 "description": "Sandboxes, kernels and sessions for AI agents and REST automation."},
+                 "description": "Sandboxes, kernels and sessions for AI agents and REST automation. "
+                                "Errors: {\"error\": {\"code\", \"message\", \"details\"}}; codes: "
+                                + ERROR_CODES + "."},
         "servers": [{"url": "/"}],
         "paths": paths,
         "components": {

@@ -20,7 +20,13 @@ _PATH = re.compile(r"at `\$(?P<path>[^`]*)`")
 
 
 def read_body(req: falcon.Request, limit: int) -> bytes:
-    """The raw body, refused with 413 past ``limit`` bytes (checked before and while reading)."""
+    """The raw body, refused with 413 past ``limit`` bytes (checked before and while reading).
+    A body already read by a middleware (``req.context.raw_body``) is served from there."""
+    cached: bytes | None = req.context.get("raw_body")
+    if cached is not None:
+        if len(cached) > limit:
+            raise PayloadTooLarge(f"the body is over the limit of {limit} bytes", limit=limit)
+        return cached
     length = req.content_length
     if length is not None and length > limit:
         raise PayloadTooLarge(f"the body is {length} bytes; the limit is {limit}", limit=limit)

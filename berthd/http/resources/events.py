@@ -8,6 +8,7 @@ from berthd.domain.errors import Forbidden, ValidationError
 from berthd.events.store import Recorded
 from berthd.http.deps import Deps
 from berthd.http.resources._common import context_of
+from berthd.http.visibility import owner_of
 from berthd.http.wire import query_int, send_json
 
 __all__ = ["EventCollection", "AuditCollection"]
@@ -45,9 +46,8 @@ class EventCollection:
         send_json(resp, {"items": items, "last_position": last})
 
     def _visible(self, rec: Recorded, owner: str) -> bool:
-        """A non-admin key sees the events of its own containers only."""
-        state = self.deps.containers.get(rec.stream_id) if rec.kind == "container" else None
-        return state is not None and state.owner == owner
+        """A non-admin key sees the events of its own containers, kernels and sessions only."""
+        return owner_of(self.deps, rec) == owner
 
 
 class AuditCollection:
