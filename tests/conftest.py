@@ -55,3 +55,24 @@ def postgres_url() -> str:
     except Exception as exc:
         missing("PostgreSQL", f"{type(exc).__name__}: {exc}")
     return url
+
+
+_FIGURES: list[str] = []
+
+
+@pytest.fixture
+def figures(request: pytest.FixtureRequest):
+    """Record a measured figure: printed at the end of the run, in a "figures" section, so
+    CI logs show what the battery measured even when everything passed."""
+
+    def record(line: str) -> None:
+        _FIGURES.append(f"{request.node.nodeid}: {line.strip()}")
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
+    if _FIGURES:
+        terminalreporter.section("figures")
+        for line in _FIGURES:
+            terminalreporter.write_line(line)

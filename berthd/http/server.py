@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from waitress import wasyncore
-from waitress.server import create_server
 
+from berthd.http._guard import SlowClientLimits, guarded_server
 from berthd.http.middleware import trusted
 
 __all__ = ["HttpServers", "ServerLimits"]
@@ -31,6 +31,9 @@ class ServerLimits:
     channel_timeout: int = 120  # seconds an idle or slow connection is kept
     max_request_body_size: int = 64 << 20
     max_request_header_size: int = 64 << 10
+    header_timeout: float = 10.0  # slowloris: the headers must arrive within this
+    request_timeout: float = 120.0  # ... and the whole request within this
+    per_client_connections: int = 100  # TCP connections one client address may hold
 
 
 class HttpServers:
@@ -43,18 +46,20 @@ class HttpServers:
             channel_timeout=limits.channel_timeout, max_request_body_size=limits.max_request_body_size,
             max_request_header_size=limits.max_request_header_size, ident="berthd",
             clear_untrusted_proxy_headers=True, expose_tracebacks=False,
+            cleanup_interval=min(2, limits.channel_timeout),  # how often the deadlines are checked
         )
+        guard = SlowClientLimits(limits.header_timeout, limits.request_timeout, limits.per_client_connections)
         self.tcp_address: tuple[str, int] | None = None
         self.unix_path = unix_path
         if host is not None and port is not None:
-            server = create_server(app, host=host, port=port, **opts)
+            server = guarded_server(app, guard, host=host, port=port, **opts)
             self._servers.append(server)
             addr = server.socket.getsockname()
             self.tcp_address = (addr[0], addr[1])
         if unix_path is not None:
             if os.path.exists(unix_path):
                 os.unlink(unix_path)
-            server = create_server(trusted(app), unix_socket=unix_path, unix_socket_perms="660", **opts)
+            server = guarded_server(trusted(app), guard, unix_socket=unix_path, unix_socket_perms="660", **opts)
             self._servers.append(server)
 
     def start(self) -> None:
