@@ -3,7 +3,8 @@
 #
 #   berthd-test/busybox:latest  a busybox-static rootfs (sh, echo, cat, sleep, ...), ~2 MB
 #   berthd-test/python:3.11     the host's Debian python3.11 + stdlib + the shared libraries
-#                               it links (ldd), plus busybox for sh; ~60 MB, ~3 s
+#                               it links (ldd), the host's bash (bash kernels) and its
+#                               libraries, plus busybox for sh; ~60 MB, ~3 s
 #
 # Both are `docker import`s of a rootfs assembled from host files, so CI needs no network
 # access to a registry. Each image carries a label with a recipe version; an image that
@@ -18,7 +19,7 @@ export DOCKER_HOST="${BERTHD_DOCKER_HOST:-unix:///run/berthd-ci/docker.sock}"
 BUSYBOX_REF=berthd-test/busybox:latest
 PYTHON_REF=berthd-test/python:3.11
 BUSYBOX_RECIPE=busybox-3
-PYTHON_RECIPE=python-3
+PYTHON_RECIPE=python-4
 RECIPE_LABEL=berthd.test-image
 DEFAULT_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
@@ -28,6 +29,7 @@ need_pkgs=()
 command -v docker >/dev/null 2>&1 || need_pkgs+=(docker.io)
 dpkg -s busybox-static >/dev/null 2>&1 || need_pkgs+=(busybox-static)
 [ -x /usr/bin/python3.11 ] || need_pkgs+=(python3.11)
+[ -x /bin/bash ] || need_pkgs+=(bash)
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
     log "installing ${need_pkgs[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -109,16 +111,21 @@ build_python() {
     # The stdlib without bytecode caches (Python rebuilds what it needs in memory).
     tar -C /usr/lib --exclude=__pycache__ --exclude=python3.11/test -cf - python3.11 |
         tar -C "$root/usr/lib" -xf -
-    # Shared libraries of the interpreter and of every extension module, loader included.
+    # bash for bash kernels (a real one, not a busybox applet).
+    rm -f "$root/bin/bash"
+    cp -L /bin/bash "$root/bin/bash"
+    # Shared libraries of the interpreter, of every extension module and of bash, loader included.
     {
         ldd "$py"
+        ldd /bin/bash
         for f in /usr/lib/python3.11/lib-dynload/*.so; do ldd "$f"; done
     } | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }' | sort -u |
         while read -r lib; do
             cp -L --parents "$lib" "$root"
         done
     import_rootfs "$root" "$PYTHON_REF" "$PYTHON_RECIPE" '["python3"]' \
-        python3 -c 'import json, ssl, sqlite3, ctypes, zlib; print("ok")'
+        python3 -c 'import json, ssl, sqlite3, ctypes, zlib, subprocess
+print(subprocess.check_output(["bash", "--noprofile", "--norc", "-c", "echo ok"], text=True).strip())'
 }
 
 if up_to_date "$BUSYBOX_REF" "$BUSYBOX_RECIPE"; then

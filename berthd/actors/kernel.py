@@ -12,9 +12,17 @@ created through ``Supervisor.create_container`` with a shared directory; the age
 its main command. With ``container`` given (Docker only) the agent is started by exec in
 that container instead, and the container is left alone when the kernel is destroyed.
 
+Executions run one at a time: one that arrives while another runs (or while the kernel
+starts or restarts) waits in a bounded FIFO queue on the actor, and runs when its turn
+comes; a full queue answers 429 ``QUEUE_FULL``. A restart or destroy answers whatever
+still waits (409).
+
 Kernel state lives in the agent, never here: after a daemon restart ``reconcile``
-reconnects (``locate_agent``), and an ``ExecutionStarted`` without its outcome is
-re-attached and finished on the log.
+reconnects (``locate_agent``), an ``ExecutionStarted`` without its outcome is
+re-attached and finished on the log, and a ``KernelDestroyRequested`` without
+``KernelDestroyed`` is carried out. For the same reason an idle kernel actor is
+passivated like a container's (``berthd.actors._registry``): it only drops its
+connection, and the next activation reconnects to the same agent.
 
 A kernel whose interpreter or agent died answers ``DeadKernel`` (409 ``KERNEL_DEAD``),
 never a result, and the log gets ``ExecutionFinished(status="dead")`` and ``KernelDied``.
@@ -22,19 +30,27 @@ never a result, and the log gets ``ExecutionFinished(status="dead")`` and ``Kern
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import Executor, Future
-from dataclasses import dataclass
+from concurrent.futures import Executor, Future, InvalidStateError
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 import pykka
 
-from berthd.actors._stream import append_evolved, cap_text, load_state
-from berthd.actors.container import Retired, map_runtime_error
+from berthd.actors._registry import EntityActor, Registry, suppress_dead
+from berthd.actors._stream import (
+    append_evolved,
+    append_evolved_async,
+    cap_text,
+    load_state,
+    when_durable,
+)
+from berthd.actors.container import map_runtime_error
 from berthd.actors.context import SYSTEM, Clock, CommandContext, Reply, new_id, rfc3339
 from berthd.actors.supervisor import Supervisor
 from berthd.domain import container as c
@@ -42,7 +58,6 @@ from berthd.domain import kernel as k
 from berthd.domain.base import Command, Event
 from berthd.domain.errors import (
     BerthdError,
-    Busy,
     Conflict,
     ContainerNotFound,
     DeadKernel,
@@ -71,13 +86,18 @@ from berthd.kernel import (
 )
 from berthd.runtime import base as rt
 
-__all__ = ["KernelActor", "KernelResult", "KernelSupervisor", "LOG_OUTPUT_CAP", "kernel_result", "result_of"]
+__all__ = ["KernelActor", "KernelResult", "KernelSupervisor", "LOG_OUTPUT_CAP", "QUEUE_DEPTH", "kernel_result",
+           "result_of"]
 
 log = logging.getLogger(__name__)
 
 LOG_OUTPUT_CAP = 64 * 1024
 """Characters of stdout and of stderr an ``ExecutionFinished`` keeps on the log."""
 
+QUEUE_DEPTH = 64
+"""Executions a kernel keeps waiting behind the running one; one more is refused (429)."""
+
+_WAITING = frozenset({"busy", "starting", "restarting"})  # an execution that arrives now waits
 _CONNECT_TIMEOUT = 60.0  # a fresh sandbox: image start plus interpreter start
 _RECONNECT_TIMEOUT = 10.0
 
@@ -101,12 +121,13 @@ _Then = Callable[[Any, BaseException | None], tuple[list[Event], Any, BaseExcept
 
 
 @dataclass(slots=True)
-class _Done:
-    value: Any
-    error: BaseException | None
-    then: _Then
-    future: Future[Reply] | None
+class _Queued:
+    """An execution waiting for the one before it (FIFO)."""
+
+    command: k.ExecuteCode
     ctx: CommandContext
+    future: Future[Reply]
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class _Check:
@@ -122,8 +143,14 @@ def result_of(event: k.ExecutionFinished) -> KernelResult:
     )
 
 
-class KernelActor(pykka.ThreadingActor):
-    """One kernel's behaviour; its state is rebuilt from its stream on activation."""
+class KernelActor(EntityActor):
+    """One kernel's behaviour; its state is rebuilt from its stream on activation.
+
+    Executions run one at a time: one that arrives while another runs (or while the
+    kernel starts or restarts) waits in a FIFO queue of ``queue_depth`` and runs when its
+    turn comes; its caller gets its own result. A full queue answers 429 ``QUEUE_FULL``."""
+
+    kind = "kernel"
 
     def __init__(
         self,
@@ -139,34 +166,41 @@ class KernelActor(pykka.ThreadingActor):
         output_cap: int = 1 << 20,
         log_cap: int = LOG_OUTPUT_CAP,
         wait: float = 600.0,
+        queue_depth: int = QUEUE_DEPTH,
     ) -> None:
-        super().__init__()
-        self.stream_id = stream_id
+        super().__init__(stream_id, workers)
         self.state = state
         self.store = store
         self.runtimes = runtimes
         self.containers = containers
-        self.workers = workers
         self.clock = clock
         self.node_id = node_id
         self.output_cap = output_cap
         self.log_cap = log_cap
         self.wait = wait  # seconds a worker waits for the container supervisor
+        self.queue_depth = queue_depth
         self.position = 0
         self._client: AgentClient | None = None
         self._client_lock = threading.Lock()  # the cached client; used by worker threads
-        self.retired = False
+        self._queue: deque[_Queued] = deque()
 
     # ------------------------------------------------------------------ asked by others
 
     def get_state(self) -> k.KernelState | None:
         return self.state
 
+    def is_idle(self) -> bool:
+        s = self.state
+        return super().is_idle() and not self._queue and (
+            s is None or (s.status not in _WAITING and not s.destroying) or s.status in k.FINAL)
+
+    def queued(self) -> int:
+        return len(self._queue)
+
     def handle(self, command: Command, ctx: CommandContext, **extra: Any) -> Future[Reply]:
         """Decide, append the intent, start the side effect; the future completes with
         the outcome. Refusals complete it with the ``BerthdError`` at once."""
-        if self.retired:
-            raise Retired(self.stream_id)
+        self.touch()
         future: Future[Reply] = Future()
         try:
             self._handle(command, ctx, future, extra)
@@ -176,11 +210,16 @@ class KernelActor(pykka.ThreadingActor):
         return future
 
     def reconcile(self) -> Future[Reply]:
-        """Boot-time: reconnect to the agent; finish on the log what a crash left open."""
+        """Boot-time: reconnect to the agent; finish on the log what a crash left open
+        (an execution without its outcome, a destroy that did not finish)."""
+        self.touch()
         future: Future[Reply] = Future()
         s = self.state
-        if s is None or s.status in ("destroyed", "dead"):
+        if s is None or s.status in k.FINAL or (s.status == "dead" and not s.destroying):
             future.set_result(Reply(self.position, s))
+            return future
+        if s.destroying:
+            self._run(self._destroy(SYSTEM), self._after_destroy, future, SYSTEM)
             return future
         restarting = s.status == "restarting"
 
@@ -197,18 +236,14 @@ class KernelActor(pykka.ThreadingActor):
 
     # ------------------------------------------------------------------ messages
 
-    def on_receive(self, message: Any) -> Any:
-        try:
-            if isinstance(message, _Done):
-                self._finish(message)
-            elif isinstance(message, _Check):
-                self._check()
-        except BaseException:  # a tell must never kill the actor
-            log.exception("kernel %s: failed to handle %s", self.stream_id, type(message).__name__)
-        return None
+    def on_message(self, message: Any) -> None:
+        if isinstance(message, _Check):
+            self._check()
 
     def on_stop(self) -> None:
+        # the agent lives in the sandbox: only our connection goes; the next activation reconnects
         self._drop_agent()
+        self._fail_queue(Conflict("the kernel's actor stopped before this code ran; send it again"))
 
     # ------------------------------------------------------------------ internals
 
@@ -252,37 +287,74 @@ class KernelActor(pykka.ThreadingActor):
             ctx.meta(self.clock, self.node_id), k.evolve)
         return self.position
 
+    def _append_async(self, events: list[Event], ctx: CommandContext) -> Future[int]:
+        """Evolve at once, commit without waiting (``append_evolved_async``)."""
+        self.state, committed = append_evolved_async(
+            self.store, self.stream_id, "kernel", self.state, events,
+            ctx.meta(self.clock, self.node_id), k.evolve)
+        self.watch_commit(committed)
+        return committed
+
     def _run(self, call: Callable[[], Any], then: _Then, future: Future[Reply] | None,
-             ctx: CommandContext) -> None:
-        ref = self.actor_ref
+             ctx: CommandContext, intent: Future[int] | None = None) -> None:
+        """``call`` on a worker; ``then`` turns its outcome into events, a result and an
+        error. ``intent``: the commit of the intent event, if it was not waited for."""
+        def step(value: Any, error: BaseException | None) -> None:
+            self._finish(then, value, error, future, ctx, intent)
 
-        def work() -> None:
-            try:
-                value, error = call(), None
-            except BaseException as exc:
-                value, error = None, exc
-            try:
-                ref.tell(_Done(value, error, then, future, ctx))
-            except pykka.ActorDeadError:
-                if future is not None and not future.done():
-                    future.set_exception(Conflict("the kernel's actor stopped; retry"))
+        self.run_on_worker(call, step, future)
 
-        self.workers.submit(work)
-
-    def _finish(self, done: _Done) -> None:
+    def _finish(self, then: _Then, value: Any, error: BaseException | None,
+                future: Future[Reply] | None, ctx: CommandContext, intent: Future[int] | None = None) -> None:
+        """Append the outcome without waiting for its commit (the mailbox goes on: the
+        next execution may start); the caller is answered, from the store's writer
+        thread, once the outcome and the intent before it are durable."""
         try:
-            events, result, error = done.then(done.value, done.error)
-            position = self._append(events, done.ctx)
-        except BaseException as exc:
-            if done.future is not None and not done.future.done():
-                done.future.set_exception(_as_error(exc))
-            return
-        if done.future is None or done.future.done():
-            return
-        if error is not None:
-            done.future.set_exception(_as_error(error))
-        else:
-            done.future.set_result(Reply(position, self.state, result))
+            if intent is not None and intent.done() and intent.exception() is not None:
+                # the intent is not on the log: neither may its outcome be (resync follows)
+                _settle(future, None, intent.exception())
+                return
+            try:
+                events, result, failure = then(value, error)
+                if not events:
+                    position = self.position
+                    _settle(future, None if failure is not None else Reply(position, self.state, result), failure)
+                    return
+                committed = self._append_async(events, ctx)
+            except BaseException as exc:
+                _settle(future, None, _as_error(exc))
+                return
+            state = self.state
+
+            def answer(position: int, err: BaseException | None) -> None:
+                if err is None:
+                    self.position = max(self.position, position)
+                _settle(future, None if err is not None or failure is not None else Reply(position, state, result),
+                        err if err is not None else failure)
+
+            when_durable(intent, committed, answer)
+        finally:
+            self._drain()
+
+    # ------------------------------------------------------------------ the queue
+
+    def _drain(self) -> None:
+        """Start the next waiting execution if the kernel is free for it."""
+        while self._queue and self.state is not None and self.state.status not in _WAITING:
+            q = self._queue.popleft()
+            try:
+                self._execute_now(q.command, q.ctx, q.future, q.extra)
+            except BaseException as exc:
+                if not q.future.done():
+                    q.future.set_exception(_as_error(exc))
+                _started(q.extra)
+
+    def _fail_queue(self, error: BerthdError) -> None:
+        while self._queue:
+            q = self._queue.popleft()
+            if not q.future.done():
+                q.future.set_exception(error)
+            _started(q.extra)
 
     def _handle(self, command: Command, ctx: CommandContext, future: Future[Reply],
                 extra: dict[str, Any]) -> None:
@@ -296,30 +368,58 @@ class KernelActor(pykka.ThreadingActor):
             self._append(events, ctx)
             self._run(self._create_sandbox(ctx), self._after_create, future, ctx)
         elif isinstance(command, k.ExecuteCode):
-            result_id = extra.get("result_id") or new_id()
-            events = k.decide(s, command, now=now, new_id=result_id)
-            self._append(events, ctx)
-            on_output: OutputCallback | None = extra.get("on_output")
-            code, timeout = command.code, command.timeout
-
-            def execute() -> ExecutionResult:
-                return self._execute(result_id, code, timeout, on_output)
-
-            self._run(execute, self._after_execute(result_id), future, ctx)
+            if s is not None and not s.destroying and s.status not in k.FINAL \
+                    and (s.status in _WAITING or self._queue):
+                if len(self._queue) >= self.queue_depth:
+                    raise k.QueueFull(
+                        f"kernel {s.name} has {len(self._queue)} executions waiting already; retry later",
+                        id=s.id, queued=len(self._queue), retry_after=1)
+                self._queue.append(_Queued(command, ctx, future, extra))
+                return
+            self._execute_now(command, ctx, future, extra)
         elif isinstance(command, k.InterruptKernel):
             events = k.decide(s, command, now=now)
             self._append(events, ctx)
-            self._run(lambda: self._agent().interrupt(), self._after_interrupt, future, ctx)
+            if s is not None and s.current is None:  # nothing runs (idle, starting): nothing to stop
+                self._run(lambda: None, self._after_interrupt, future, ctx)
+            else:
+                self._run(lambda: self._agent().interrupt(), self._after_interrupt, future, ctx)
         elif isinstance(command, k.RestartKernel):
             events = k.decide(s, command, now=now)
             self._append(events, ctx)
+            self._fail_queue(Conflict("the kernel was restarted before this code ran (its state is gone); "
+                                      "send it again", id=self.stream_id))
             self._run(self._restart(ctx), self._after_restart, future, ctx)
         elif isinstance(command, k.DestroyKernel):
             events = k.decide(s, command, now=now)
             self._append(events, ctx)
+            self._fail_queue(Conflict("the kernel was destroyed before this code ran", id=self.stream_id,
+                                      status="destroyed"))
             self._run(self._destroy(ctx), self._after_destroy, future, ctx)
         else:
             raise ValidationError(f"unsupported command {type(command).__name__}")
+
+    def _execute_now(self, command: k.ExecuteCode, ctx: CommandContext, future: Future[Reply],
+                     extra: dict[str, Any]) -> None:
+        result_id = extra.get("result_id") or new_id()
+        try:
+            events = k.decide(self.state, command, now=rfc3339(self.clock()), new_id=result_id)
+            # Pipelined: the code starts while ExecutionStarted is being committed; the
+            # caller is answered once it and ExecutionFinished are both durable. If the
+            # intent's commit fails the caller gets that error and no outcome is appended,
+            # although the code may have run: that window only holds executions nobody
+            # was told about (and the log never claims they ran).
+            intent = self._append_async(events, ctx)
+        finally:
+            _started(extra)  # submitted (or refused): its caller stops counting queue time
+        on_output: OutputCallback | None = extra.get("on_output")
+        code, timeout = command.code, command.timeout
+
+        def execute() -> ExecutionResult:
+            return self._execute(result_id, code, timeout, on_output)
+
+        intent.add_done_callback(lambda f: _settle(future, None, f.exception()) if f.exception() else None)
+        self._run(execute, self._after_execute(result_id), future, ctx, intent)
 
     def _check(self) -> None:
         s = self.state
@@ -431,10 +531,25 @@ class KernelActor(pykka.ThreadingActor):
             runtime = self._runtime()
             status = runtime.inspect(s.container_id)
             if status.state != "running":
-                self.containers.container_command(s.container_id, c.StartContainer(), ctx).result(self.wait)
+                self._start_container(s.container_id, ctx)
             self._agent(_CONNECT_TIMEOUT)
 
         return restart
+
+    def _start_container(self, container_id: str, ctx: CommandContext, settle: float = 30.0) -> None:
+        """Start the kernel's stopped container. Its exit may not be on the container's
+        log yet (the exit notice is being recorded): then the start is refused as
+        "already running"; have the exit recorded and start once the log has it."""
+        deadline = time.monotonic() + settle
+        while True:
+            try:
+                self.containers.container_command(container_id, c.StartContainer(), ctx).result(self.wait)
+                return
+            except Conflict as exc:
+                if exc.details.get("status") != "running" or time.monotonic() > deadline:
+                    raise
+            self.containers.observe(container_id)
+            time.sleep(0.1)
 
     def _destroy(self, ctx: CommandContext) -> Callable[[], None]:
         s = self.state
@@ -522,6 +637,10 @@ class KernelActor(pykka.ThreadingActor):
 
     def _after_interrupt(self, interrupted: str | None, err: BaseException | None) \
             -> tuple[list[Event], Any, BaseException | None]:
+        if isinstance(err, AgentUnavailable):  # the execution's own worker records the death
+            name = self.state.name if self.state is not None else self.stream_id
+            return [], None, DeadKernel(f"kernel {name} has no agent any more ({err}); restart it "
+                                        f"(POST /v1/kernels/{self.stream_id}/restart)", id=self.stream_id)
         if err is not None:
             return [], None, _mapped(err)
         return [], interrupted, None
@@ -572,9 +691,9 @@ class KernelActor(pykka.ThreadingActor):
 
 
 class KernelSupervisor:
-    """Registry and activation of kernel actors (same rules as ``Supervisor``: the
-    registry lock is never held across an ask). Kernel actors hold a connection to their
-    agent and are not passivated."""
+    """Registry, activation, passivation and boot reconciliation of kernel actors. A
+    passivated kernel loses nothing: its state is in the agent, in the sandbox, and the
+    next activation reconnects to it."""
 
     def __init__(
         self,
@@ -593,6 +712,8 @@ class KernelSupervisor:
         output_cap: int = 1 << 20,
         log_cap: int = LOG_OUTPUT_CAP,
         ask_timeout: float = 30.0,
+        passivate_after: float = 300.0,
+        queue_depth: int = QUEUE_DEPTH,
     ) -> None:
         self.log_cap = log_cap
         self.store = store
@@ -607,24 +728,25 @@ class KernelSupervisor:
         self.name_taken = name_taken
         self.kernel_of_container = kernel_of_container
         self.output_cap = output_cap
-        self.ask_timeout = ask_timeout
-        self._actors: dict[str, pykka.ActorRef[KernelActor]] = {}
+        self.queue_depth = queue_depth
+        self.registry: Registry[KernelActor] = Registry(
+            "kernel", start=self._start_actor, load=self._load, ask_timeout=ask_timeout,
+            passivate_after=passivate_after)
         self._creating: set[str] = set()  # names of kernels being created
-        self._lock = threading.RLock()
-        self.activations = 0
 
     @property
     def live_actors(self) -> int:
-        with self._lock:
-            return len(self._actors)
+        return self.registry.live
+
+    @property
+    def activations(self) -> int:
+        return self.registry.activations
 
     def stop(self) -> None:
-        with self._lock:
-            refs = list(self._actors.values())
-            self._actors.clear()
-        for ref in refs:
-            with contextlib.suppress(pykka.ActorDeadError):
-                ref.stop(timeout=10)
+        self.registry.stop()
+
+    def passivate_idle(self, idle_for: float | None = None) -> int:
+        return self.registry.passivate_idle(idle_for)
 
     def create_kernel(self, command: k.CreateKernel, ctx: CommandContext) -> Future[Reply]:
         kernel_id = new_id()
@@ -663,14 +785,15 @@ class KernelSupervisor:
             container_id, own = new_id(), True
             image = command.image or self.kernel_images.get(runtime_name) or "host"
         name = command.name or f"kernel-{kernel_id}"
-        with self._lock:
+        with self.registry.lock:
             if self.name_taken(name) or name in self._creating:
                 raise Conflict(f"the kernel name '{name}' is taken; choose another", field="name", name=name)
             self._creating.add(name)
-            ref = self._spawn(kernel_id, None)
+            ref = self.registry.spawn(kernel_id, None)
         try:
-            future = self._ask(ref, "handle", command, ctx, name=name, container_id=container_id,
-                               own_container=own, runtime=runtime_name, image=image)
+            future: Future[Reply] = self.registry.ask(
+                ref, "handle", command, ctx, name=name, container_id=container_id,
+                own_container=own, runtime=runtime_name, image=image)
         except BaseException:
             self._release(name)
             raise
@@ -678,28 +801,34 @@ class KernelSupervisor:
         return future
 
     def _release(self, name: str) -> None:
-        with self._lock:
+        with self.registry.lock:
             self._creating.discard(name)
 
     def kernel_command(self, kernel_id: str, command: Command, ctx: CommandContext,
                        **extra: Any) -> Future[Reply]:
-        for _ in range(5):
-            ref = self._get(kernel_id)
-            try:
-                return self._ask(ref, "handle", command, ctx, **extra)
-            except (pykka.ActorDeadError, Retired):
-                self._forget(kernel_id, ref)
-        raise Conflict(f"kernel {kernel_id} is busy restarting its actor; retry")
+        """Send ``command`` to the kernel's actor, activating it if needed. ``extra`` for an
+        execution: ``result_id``, ``on_output(stream, text)``, ``started`` (a
+        ``threading.Event`` set once it leaves the queue: on the log, or refused)."""
+        future: Future[Reply] = self.registry.call(kernel_id, "handle", command, ctx, **extra)
+        return future
+
+    def kernel_state(self, kernel_id: str) -> k.KernelState | None:
+        """The write side's state of the kernel (activating it), None if there is none."""
+        try:
+            state: k.KernelState | None = self.registry.call(kernel_id, "get_state")
+        except KernelNotFound:
+            return None
+        return state
 
     def reconcile(self, kernels: Iterable[k.KernelState], timeout: float = 30.0) -> dict[str, int]:
-        """Reconnect to every live kernel's agent; finish what a crash left open."""
+        """Reconnect to every live kernel's agent; finish what a crash left open (an
+        execution without its outcome, a destroy without ``KernelDestroyed``)."""
         futures: list[Future[Reply]] = []
         for state in kernels:
-            if state.status in ("destroyed", "dead"):
+            if state.status in k.FINAL or (state.status == "dead" and not state.destroying):
                 continue
             try:
-                ref = self._get(state.id)
-                futures.append(ref.proxy().reconcile().get(timeout=self.ask_timeout))
+                futures.append(self.registry.call(state.id, "reconcile"))
             except Exception:
                 log.exception("reconcile: cannot activate kernel %s", state.id)
         failed = 0
@@ -712,47 +841,33 @@ class KernelSupervisor:
         return {"checked": len(futures), "failed": failed}
 
     def on_container_exit(self, notice: rt.ExitNotice) -> None:
-        """A container stopped (a runtime's watch thread): its kernel, if any, looks."""
+        """A container stopped (a runtime's watch thread): its kernel, if any, looks
+        (activated for it if it was passivated)."""
         kernel_id = self.kernel_of_container(notice.berth_id)
         if kernel_id is None:
             return
-        with self._lock:
-            ref = self._actors.get(kernel_id)
-        if ref is not None:
-            with contextlib.suppress(pykka.ActorDeadError):
-                ref.tell(_Check())
-
-    def _ask(self, ref: pykka.ActorRef[KernelActor], method: str, *args: Any, **kwargs: Any) -> Future[Reply]:
         try:
-            inner: Future[Reply] = getattr(ref.proxy(), method)(*args, **kwargs).get(timeout=self.ask_timeout)
-        except pykka.Timeout:
-            raise Busy(f"the kernel did not take the command within {self.ask_timeout:.0f} s; retry") from None
-        return inner
+            ref = self.registry.get(kernel_id)
+        except KernelNotFound:
+            return
+        except Exception as exc:
+            log.warning("exit of kernel %s's container not checked: %s", kernel_id, exc)
+            return
+        with suppress_dead():
+            ref.tell(_Check())
 
-    def _get(self, kernel_id: str) -> pykka.ActorRef[KernelActor]:
-        with self._lock:
-            ref = self._actors.get(kernel_id)
-            if ref is not None and ref.is_alive():
-                return ref
-            state, _ = load_state(self.store, kernel_id, "kernel", k.replay,
-                                  lambda i: KernelNotFound(f"no kernel {i}", id=i))
-            ref = self._spawn(kernel_id, state)
-            self.activations += 1
-            return ref
+    def _load(self, kernel_id: str) -> k.KernelState:
+        state, _ = load_state(self.store, kernel_id, "kernel", k.replay,
+                              lambda i: KernelNotFound(f"no kernel {i}", id=i))
+        return state
 
-    def _spawn(self, kernel_id: str, state: k.KernelState | None) -> pykka.ActorRef[KernelActor]:
-        ref = KernelActor.start(
+    def _start_actor(self, kernel_id: str, state: k.KernelState | None) -> pykka.ActorRef[KernelActor]:
+        ref: pykka.ActorRef[KernelActor] = KernelActor.start(
             kernel_id, state, store=self.store, runtimes=self.runtimes, containers=self.containers,
             workers=self.workers, clock=self.clock, node_id=self.node_id, output_cap=self.output_cap,
-            log_cap=self.log_cap,
+            log_cap=self.log_cap, queue_depth=self.queue_depth,
         )
-        self._actors[kernel_id] = ref
         return ref
-
-    def _forget(self, kernel_id: str, ref: pykka.ActorRef[KernelActor]) -> None:
-        with self._lock:
-            if self._actors.get(kernel_id) is ref:
-                del self._actors[kernel_id]
 
 
 # ---------------------------------------------------------------------- helpers
@@ -768,6 +883,25 @@ def kernel_result(result_id: str, r: ExecutionResult) -> KernelResult:
         if r.error else None,
         exit_code=r.exit_code,
     )
+
+
+def _settle(future: Future[Reply] | None, reply: Reply | None, error: BaseException | None) -> None:
+    """Complete the caller's future once (it may have been failed already)."""
+    if future is None or future.done():
+        return
+    try:
+        if error is not None:
+            future.set_exception(_as_error(error))
+        else:
+            future.set_result(reply)  # type: ignore[arg-type]
+    except InvalidStateError:  # completed meanwhile on another thread
+        pass
+
+
+def _started(extra: dict[str, Any]) -> None:
+    started: threading.Event | None = extra.get("started")
+    if started is not None:
+        started.set()
 
 
 def _mapped(exc: BaseException | None) -> BerthdError:

@@ -8,21 +8,28 @@ through the container ``Supervisor``, destroying the kernel — run on worker th
 on the mailbox (they ask other actors), and their outcome comes back as a message that
 appends ``SessionKernelAttached`` or ``CommandExecuted`` and completes the caller's future.
 
-The kernel (and its sandbox) is opened on demand at the first execution; executions that
-arrive while it opens wait for it. A ``command`` result is kept on ``CommandExecuted``
-(output capped) so ``GET /v1/results/{id}`` serves it from the log; a ``code`` result is the
-kernel's own.
+Executions in a session run one at a time, in arrival order: one that arrives while
+another runs waits in a FIFO queue (``queue_depth``; beyond it 429 ``QUEUE_FULL``) and its
+caller gets its own result. ``execute_with_retry`` holds the session for all its attempts.
+
+The kernel (and its sandbox) is opened on demand at the first execution. Before each
+execution the kernel is looked at: one that is gone (destroyed from outside, dead, lost)
+is recorded as ``SessionKernelLost`` and a new one is opened (``SessionKernelAttached``).
+A ``command`` result is kept on ``CommandExecuted`` (output capped) so ``GET
+/v1/results/{id}`` serves it from the log; a ``code`` result is the kernel's own.
 
 Expiry is decided from the injected clock: a command arriving after ``expires_at`` expires
 the session (409 ``SESSION_EXPIRED``), and the supervisor's timer expires due sessions on
-its own, at boot too, closing their kernel and sandbox.
+its own (read from the view, so passivated sessions expire too), at boot too, closing
+their kernel and sandbox. At boot, a session that ended while its kernel's destroy was
+cut short by a crash gets its kernel destroyed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
@@ -30,10 +37,11 @@ from typing import Any
 
 import pykka
 
+from berthd.actors._registry import EntityActor, Registry, suppress_dead
 from berthd.actors._stream import append_evolved, cap_text, load_state
-from berthd.actors.container import ExecOutcome, Retired
+from berthd.actors.container import ExecOutcome
 from berthd.actors.context import SYSTEM, Clock, CommandContext, Reply, new_id, rfc3339
-from berthd.actors.kernel import LOG_OUTPUT_CAP, KernelResult, KernelSupervisor
+from berthd.actors.kernel import LOG_OUTPUT_CAP, QUEUE_DEPTH, KernelResult, KernelSupervisor
 from berthd.actors.supervisor import Supervisor
 from berthd.domain import container as c
 from berthd.domain import kernel as k
@@ -41,7 +49,6 @@ from berthd.domain import session as se
 from berthd.domain.base import Command, Event
 from berthd.domain.errors import (
     BerthdError,
-    Busy,
     Conflict,
     ExpiredSession,
     KernelNotFound,
@@ -73,28 +80,23 @@ _Done = Callable[[SessionOutcome | None, BaseException | None], None]
 
 
 @dataclass(slots=True)
-class _Step:
-    """A worker finished; ``then`` continues on the mailbox."""
+class _Queued:
+    """An execution waiting for its turn (FIFO)."""
 
-    value: Any
-    error: BaseException | None
-    then: Callable[[Any, BaseException | None], None]
-    future: Future[Reply] | None
-
-
-@dataclass(slots=True)
-class _Waiter:
-    go: Callable[[], None]
+    command: se.ExecuteInSession | se.ExecuteWithRetry
+    ctx: CommandContext
     future: Future[Reply]
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(slots=True)
-class _Attach:
-    waiters: list[_Waiter] = field(default_factory=list)
+class _Next:
+    """The running execution answered its caller: the next one may go."""
 
 
-class SessionActor(pykka.ThreadingActor):
+class SessionActor(EntityActor):
     """One session's behaviour; its state is rebuilt from its stream on activation."""
+
+    kind = "session"
 
     def __init__(
         self,
@@ -110,30 +112,36 @@ class SessionActor(pykka.ThreadingActor):
         output_cap: int = 1 << 20,
         log_cap: int = LOG_OUTPUT_CAP,
         wait: float = 600.0,
+        queue_depth: int = QUEUE_DEPTH,
     ) -> None:
-        super().__init__()
-        self.stream_id = stream_id
+        super().__init__(stream_id, workers)
         self.state = state
         self.store = store
         self.kernels = kernels
         self.containers = containers
-        self.workers = workers
         self.clock = clock
         self.node_id = node_id
         self.output_cap = output_cap
         self.log_cap = log_cap
         self.wait = wait  # seconds a worker waits for another supervisor's outcome
+        self.queue_depth = queue_depth
         self.position = 0
-        self._attach: _Attach | None = None  # the kernel being opened, and who waits for it
+        self._running: Future[Reply] | None = None  # the execution that has the session
+        self._queue: deque[_Queued] = deque()
 
     # ------------------------------------------------------------------ asked by others
 
     def get_state(self) -> se.SessionState | None:
         return self.state
 
+    def is_idle(self) -> bool:
+        return super().is_idle() and self._running is None and not self._queue
+
     def handle(self, command: Command, ctx: CommandContext, **extra: Any) -> Future[Reply]:
         """Decide, append, start the side effect; the future completes with the outcome.
-        Refusals complete it with the ``BerthdError`` at once."""
+        Refusals complete it with the ``BerthdError`` at once. ``extra``: ``started`` (a
+        ``threading.Event`` set when an execution leaves the queue)."""
+        self.touch()
         future: Future[Reply] = Future()
         try:
             self._handle(command, ctx, future, extra)
@@ -143,15 +151,17 @@ class SessionActor(pykka.ThreadingActor):
 
     # ------------------------------------------------------------------ messages
 
-    def on_receive(self, message: Any) -> Any:
-        if isinstance(message, _Step):
-            try:
-                message.then(message.value, message.error)
-            except BaseException as exc:  # a tell must never kill the actor
-                log.exception("session %s: a step failed", self.stream_id)
-                if message.future is not None:
-                    _fail(message.future, exc)
-        return None
+    def on_message(self, message: Any) -> None:
+        if isinstance(message, _Next):
+            if self._running is not None and self._running.done():
+                self._running = None
+            self._drain()
+
+    def on_stop(self) -> None:
+        while self._queue:
+            q = self._queue.popleft()
+            _fail(q.future, Conflict("the session's actor stopped before this ran; send it again"))
+            _started(q.extra)
 
     # ------------------------------------------------------------------ internals
 
@@ -175,20 +185,7 @@ class SessionActor(pykka.ThreadingActor):
 
     def _run(self, call: Callable[[], Any], then: Callable[[Any, BaseException | None], None],
              future: Future[Reply] | None) -> None:
-        ref = self.actor_ref
-
-        def work() -> None:
-            try:
-                value, error = call(), None
-            except BaseException as exc:
-                value, error = None, exc
-            try:
-                ref.tell(_Step(value, error, then, future))
-            except pykka.ActorDeadError:
-                if future is not None:
-                    _fail(future, Conflict("the session's actor stopped; retry"))
-
-        self.workers.submit(work)
+        self.run_on_worker(call, then, future)
 
     def _handle(self, command: Command, ctx: CommandContext, future: Future[Reply],
                 extra: dict[str, Any]) -> None:
@@ -207,6 +204,7 @@ class SessionActor(pykka.ThreadingActor):
         ended = any(isinstance(e, (se.SessionExpired, se.SessionClosed)) for e in events)
         if isinstance(command, (se.CloseSession, se.ExpireSession)):
             if ended:  # the answer waits for the kernel and its sandbox to be gone
+                self._end_queue()
                 self._run(self._destroy_kernel(ctx), lambda _v, _e: future.set_result(self._reply()), future)
             else:
                 future.set_result(self._reply())
@@ -214,30 +212,106 @@ class SessionActor(pykka.ThreadingActor):
         assert before is not None
         refused = se.refusal(events, before)
         if ended:
+            self._end_queue()
             self._run(self._destroy_kernel(SYSTEM), lambda _v, _e: None, None)
         if refused is not None:
             future.set_exception(refused)
             return
-        if isinstance(command, se.ExecuteInSession):
-            self._with_kernel(ctx, future, lambda: self._execute(command, ctx, future))
-        elif isinstance(command, se.ExecuteWithRetry):
-            self._with_kernel(ctx, future, lambda: self._retry(command, ctx, future))
-        else:
+        if not isinstance(command, (se.ExecuteInSession, se.ExecuteWithRetry)):
             raise ValidationError(f"unsupported command {type(command).__name__}")
+        if self._running is not None or self._queue:
+            if len(self._queue) >= self.queue_depth:
+                raise k.QueueFull(
+                    f"session {before.name} has {len(self._queue)} executions waiting already; retry later",
+                    id=before.id, queued=len(self._queue), retry_after=1)
+            self._queue.append(_Queued(command, ctx, future, extra))
+            return
+        self._begin(_Queued(command, ctx, future, extra))
+
+    # ------------------------------------------------------------------ the queue
+
+    def _begin(self, q: _Queued) -> None:
+        """``q`` has the session now; when its caller is answered, the next one goes."""
+        _started(q.extra)
+        s = self.state
+        assert s is not None
+        if s.status != "active":
+            _fail(q.future, _ended(s))
+            return
+        self._running = q.future
+        ref = self.actor_ref
+
+        def next_one(_f: Future[Reply]) -> None:
+            with suppress_dead():
+                ref.tell(_Next())
+
+        q.future.add_done_callback(next_one)
+        command, ctx, future, extra = q.command, q.ctx, q.future, q.extra
+        if isinstance(command, se.ExecuteInSession):
+            self._with_kernel(ctx, future, lambda: self._execute(command, ctx, future, extra))
+        else:
+            self._with_kernel(ctx, future, lambda: self._retry(command, ctx, future))
+
+    def _drain(self) -> None:
+        while self._running is None and self._queue:
+            q = self._queue.popleft()
+            try:
+                self._begin(q)
+            except BaseException as exc:
+                _fail(q.future, exc)
+
+    def _end_queue(self) -> None:
+        """The session ended: what waits is answered as the session now is."""
+        s = self.state
+        assert s is not None
+        while self._queue:
+            q = self._queue.popleft()
+            _fail(q.future, _ended(s))
+            _started(q.extra)
 
     # ------------------------------------------------------------------ the kernel
 
     def _with_kernel(self, ctx: CommandContext, future: Future[Reply], go: Callable[[], None]) -> None:
-        """Run ``go`` (on the mailbox) once the session has a kernel, opening it if needed."""
+        """Run ``go`` (on the mailbox) once the session has a live kernel: the one it has
+        if it is still there, else a new one (the old one recorded as lost)."""
         s = self.state
         assert s is not None
-        if s.kernel_id is not None:
-            go()
+        if s.kernel_id is None:
+            self._open_kernel(ctx, future, go)
             return
-        if self._attach is not None:
-            self._attach.waiters.append(_Waiter(go, future))
-            return
-        self._attach = _Attach([_Waiter(go, future)])
+        kernel_id, kernels = s.kernel_id, self.kernels
+
+        def look() -> str | None:
+            state = kernels.kernel_state(kernel_id)
+            if state is None:
+                return "it does not exist"
+            if state.status in k.FINAL or state.destroying:
+                return "it was destroyed"
+            if state.status == "dead":
+                return f"it died ({state.error or 'no reason recorded'})"
+            return None
+
+        def then(gone: str | None, err: BaseException | None) -> None:
+            if err is not None:
+                _fail(future, err)
+            elif gone is None:
+                go()
+            else:
+                self._lost(kernel_id, gone, ctx)
+                self._open_kernel(ctx, future, go)
+
+        self._run(look, _guarded_future(then, future), future)
+
+    def _lost(self, kernel_id: str, reason: str, ctx: CommandContext) -> None:
+        """Record that the kernel is gone; a dead one's sandbox is removed."""
+        self._append([se.SessionKernelLost(kernel_id=kernel_id, reason=reason, at=self._now())], ctx)
+        log.info("session %s: its kernel %s is gone (%s); a new one opens", self.stream_id, kernel_id, reason)
+        if "destroyed" not in reason:
+            self._run(self._destroy_kernel(SYSTEM, kernel_id), lambda _v, _e: None, None)
+
+    def _open_kernel(self, ctx: CommandContext, future: Future[Reply], go: Callable[[], None]) -> None:
+        s = self.state
+        assert s is not None
         create = k.CreateKernel(language=s.language,  # type: ignore[arg-type]
                                 image=s.image, profile=s.profile,
                                 runtime=s.runtime)  # type: ignore[arg-type]
@@ -248,34 +322,21 @@ class SessionActor(pykka.ThreadingActor):
             state: k.KernelState = reply.state
             return state.id, state.container_id
 
-        self._run(open_kernel, lambda v, err: self._attached(v, err, ctx), None)
-
-    def _attached(self, opened: tuple[str, str] | None, err: BaseException | None, ctx: CommandContext) -> None:
-        attach, self._attach = self._attach, None
-        waiters = attach.waiters if attach is not None else []
-        s = self.state
-        assert s is not None
-        if err is not None or opened is None:
-            for w in waiters:
-                _fail(w.future, _mapped(err))
-            return
-        kernel_id, container_id = opened
-        if s.status != "active":  # closed or expired while the kernel opened
-            self._run(self._destroy_kernel(SYSTEM, kernel_id), lambda _v, _e: None, None)
-            for w in waiters:
-                _fail(w.future, _ended(s))
-            return
-        try:
+        def then(opened: tuple[str, str] | None, err: BaseException | None) -> None:
+            s = self.state
+            assert s is not None
+            if err is not None or opened is None:
+                _fail(future, _mapped(err))
+                return
+            kernel_id, container_id = opened
+            if s.status != "active":  # closed or expired while the kernel opened
+                self._run(self._destroy_kernel(SYSTEM, kernel_id), lambda _v, _e: None, None)
+                _fail(future, _ended(s))
+                return
             self._append([se.SessionKernelAttached(kernel_id=kernel_id, container_id=container_id)], ctx)
-        except BaseException as exc:
-            for w in waiters:
-                _fail(w.future, exc)
-            return
-        for w in waiters:
-            try:
-                w.go()
-            except BaseException as exc:
-                _fail(w.future, exc)
+            go()
+
+        self._run(open_kernel, _guarded_future(then, future), future)
 
     def _destroy_kernel(self, ctx: CommandContext, kernel_id: str | None = None) -> Callable[[], None]:
         kid = kernel_id or (self.state.kernel_id if self.state is not None else None)
@@ -295,7 +356,12 @@ class SessionActor(pykka.ThreadingActor):
 
     # ------------------------------------------------------------------ executions
 
-    def _execute(self, command: se.ExecuteInSession, ctx: CommandContext, future: Future[Reply]) -> None:
+    def _execute(self, command: se.ExecuteInSession, ctx: CommandContext, future: Future[Reply],
+                 extra: dict[str, Any]) -> None:
+        """``extra``: ``result_id`` (chosen by the caller, e.g. to announce it first) and
+        ``on_output(stream, text)`` (code: the kernel's output as it comes)."""
+        result_id: str | None = extra.get("result_id")
+
         def done(outcome: SessionOutcome | None, err: BaseException | None) -> None:
             if err is not None:
                 _fail(future, err)
@@ -303,10 +369,10 @@ class SessionActor(pykka.ThreadingActor):
                 future.set_result(self._reply(outcome))
 
         if command.command is not None:
-            self._exec_command(list(command.command), command.timeout, ctx, done)
+            self._exec_command(list(command.command), command.timeout, ctx, done, result_id)
         else:
             assert command.code is not None
-            self._exec_code(command.code, command.timeout, ctx, done)
+            self._exec_code(command.code, command.timeout, ctx, done, result_id, extra.get("on_output"))
 
     def _retry(self, command: se.ExecuteWithRetry, ctx: CommandContext, future: Future[Reply]) -> None:
         attempts: list[SessionOutcome] = []
@@ -335,13 +401,18 @@ class SessionActor(pykka.ThreadingActor):
 
         attempt()
 
-    def _exec_code(self, code: str, timeout: float | None, ctx: CommandContext, done: _Done) -> None:
+    def _exec_code(self, code: str, timeout: float | None, ctx: CommandContext, done: _Done,
+                   result_id: str | None = None, on_output: Callable[[str, str], None] | None = None) -> None:
         s = self.state
         assert s is not None and s.kernel_id is not None
         kernel_id, kernels, wait = s.kernel_id, self.kernels, (timeout or self.wait) + 30.0
+        extra: dict[str, Any] = {"result_id": result_id} if result_id else {}
+        if on_output is not None:
+            extra["on_output"] = on_output
 
         def run() -> KernelResult:
-            reply = kernels.kernel_command(kernel_id, k.ExecuteCode(code=code, timeout=timeout), ctx).result(wait)
+            reply = kernels.kernel_command(kernel_id, k.ExecuteCode(code=code, timeout=timeout), ctx,
+                                           **extra).result(wait)
             result: KernelResult = reply.result
             return result
 
@@ -359,15 +430,17 @@ class SessionActor(pykka.ThreadingActor):
 
         self._run(run, _guarded(then, done), None)
 
-    def _exec_command(self, argv: list[str], timeout: float | None, ctx: CommandContext, done: _Done) -> None:
+    def _exec_command(self, argv: list[str], timeout: float | None, ctx: CommandContext, done: _Done,
+                      result_id: str | None = None) -> None:
         s = self.state
         assert s is not None and s.container_id is not None
         container_id, containers, cap = s.container_id, self.containers, self.output_cap
         wait = (timeout or self.wait) + 30.0
+        extra: dict[str, Any] = {"new_id": result_id} if result_id else {}
 
         def run() -> ExecOutcome:
             reply = containers.container_command(
-                container_id, c.ExecInContainer(command=argv, timeout=timeout), ctx, output_cap=cap,
+                container_id, c.ExecInContainer(command=argv, timeout=timeout), ctx, output_cap=cap, **extra,
             ).result(wait)
             outcome: ExecOutcome = reply.result
             return outcome
@@ -404,9 +477,10 @@ class SessionActor(pykka.ThreadingActor):
 
 
 class SessionSupervisor:
-    """Registry and activation of session actors (the registry lock is never held across
-    an ask), and the expiry timer: every ``tick`` seconds, active sessions whose
-    ``expires_at`` has passed (by the injected clock) are expired."""
+    """Registry, activation and passivation of session actors, and the expiry timer:
+    every ``tick`` seconds, active sessions whose ``expires_at`` has passed (by the
+    injected clock) are expired. ``active`` and ``ended`` read the view, not the live
+    actors, so a passivated session expires like any other."""
 
     def __init__(
         self,
@@ -419,10 +493,14 @@ class SessionSupervisor:
         node_id: str,
         name_taken: Callable[[str], bool],
         active: Callable[[], Iterable[se.SessionState]],
+        ended: Callable[[], Iterable[se.SessionState]] = lambda: (),
+        kernel_view: Callable[[str], k.KernelState | None] | None = None,
         output_cap: int = 1 << 20,
         log_cap: int = LOG_OUTPUT_CAP,
         ask_timeout: float = 30.0,
         tick: float = 1.0,
+        passivate_after: float = 300.0,
+        queue_depth: int = QUEUE_DEPTH,
     ) -> None:
         self.store = store
         self.kernels = kernels
@@ -432,26 +510,31 @@ class SessionSupervisor:
         self.node_id = node_id
         self.name_taken = name_taken
         self.active = active
+        self.ended = ended
+        self.kernel_view = kernel_view or kernels.kernel_state
         self.output_cap = output_cap
         self.log_cap = log_cap
-        self.ask_timeout = ask_timeout
         self.tick = tick
-        self._actors: dict[str, pykka.ActorRef[SessionActor]] = {}
+        self.queue_depth = queue_depth
+        self.registry: Registry[SessionActor] = Registry(
+            "session", start=self._start_actor, load=self._load, ask_timeout=ask_timeout,
+            passivate_after=passivate_after)
         self._creating: set[str] = set()
-        self._lock = threading.RLock()
         self._stop = threading.Event()
         self._timer: threading.Thread | None = None
         self.expired = 0
+        self.kernels_closed = 0  # kernels of ended sessions destroyed at boot
 
     @property
     def live_actors(self) -> int:
-        with self._lock:
-            return len(self._actors)
+        return self.registry.live
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Expire what is due now (after a restart too), then keep checking."""
+        """Finish what a crash cut short, expire what is due now (after a restart too),
+        then keep checking."""
+        self.close_kernels_of_ended()
         self.expire_due()
         self._stop.clear()
         self._timer = threading.Thread(target=self._loop, name="berthd-session-expiry", daemon=True)
@@ -462,12 +545,10 @@ class SessionSupervisor:
         if self._timer is not None:
             self._timer.join(timeout=30)
             self._timer = None
-        with self._lock:
-            refs = list(self._actors.values())
-            self._actors.clear()
-        for ref in refs:
-            with contextlib.suppress(pykka.ActorDeadError):
-                ref.stop(timeout=10)
+        self.registry.stop()
+
+    def passivate_idle(self, idle_for: float | None = None) -> int:
+        return self.registry.passivate_idle(idle_for)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.tick):
@@ -498,6 +579,32 @@ class SessionSupervisor:
         self.expired += n
         return n
 
+    def close_kernels_of_ended(self, timeout: float = 60.0) -> int:
+        """Boot-time: a session closed or expired (on the log) whose kernel was not
+        destroyed — the daemon stopped in between — gets its kernel destroyed now. A
+        destroy that had begun is finished by the kernels' own reconciliation."""
+        futures: list[tuple[str, Future[Reply]]] = []
+        for state in list(self.ended()):
+            if state.status not in se.FINAL or state.kernel_id is None:
+                continue
+            try:
+                kernel = self.kernel_view(state.kernel_id)
+                if kernel is None or kernel.status in k.FINAL or kernel.destroying:
+                    continue
+                futures.append((state.kernel_id, self.kernels.kernel_command(
+                    state.kernel_id, k.DestroyKernel(), SYSTEM)))
+            except Exception:
+                log.exception("cannot close the kernel of ended session %s", state.id)
+        n = 0
+        for kernel_id, f in futures:
+            try:
+                f.result(timeout=timeout)
+                n += 1
+            except Exception as exc:
+                log.warning("closing kernel %s of an ended session: %s", kernel_id, exc)
+        self.kernels_closed += n
+        return n
+
     # ------------------------------------------------------------------ commands
 
     def create_session(self, command: se.CreateSession, ctx: CommandContext) -> Future[Reply]:
@@ -507,13 +614,13 @@ class SessionSupervisor:
                 f"runtime '{command.runtime}' is not available on this node "
                 f"(available: {', '.join(sorted(self.kernels.runtimes))})", field="runtime")
         name = command.name or f"session-{session_id}"
-        with self._lock:
+        with self.registry.lock:
             if self.name_taken(name) or name in self._creating:
                 raise Conflict(f"the session name '{name}' is taken; choose another", field="name", name=name)
             self._creating.add(name)
-            ref = self._spawn(session_id, None)
+            ref = self.registry.spawn(session_id, None)
         try:
-            future = self._ask(ref, "handle", command, ctx, name=name)
+            future: Future[Reply] = self.registry.ask(ref, "handle", command, ctx, name=name)
         except BaseException:
             self._release(name)
             raise
@@ -521,48 +628,29 @@ class SessionSupervisor:
         return future
 
     def _release(self, name: str) -> None:
-        with self._lock:
+        with self.registry.lock:
             self._creating.discard(name)
 
-    def session_command(self, session_id: str, command: Command, ctx: CommandContext) -> Future[Reply]:
-        for _ in range(5):
-            ref = self._get(session_id)
-            try:
-                return self._ask(ref, "handle", command, ctx)
-            except (pykka.ActorDeadError, Retired):
-                self._forget(session_id, ref)
-        raise Conflict(f"session {session_id} is busy restarting its actor; retry")
-
-    def _ask(self, ref: pykka.ActorRef[SessionActor], method: str, *args: Any, **kwargs: Any) -> Future[Reply]:
-        try:
-            inner: Future[Reply] = getattr(ref.proxy(), method)(*args, **kwargs).get(timeout=self.ask_timeout)
-        except pykka.Timeout:
-            raise Busy(f"the session did not take the command within {self.ask_timeout:.0f} s; retry") from None
-        return inner
+    def session_command(self, session_id: str, command: Command, ctx: CommandContext,
+                        **extra: Any) -> Future[Reply]:
+        future: Future[Reply] = self.registry.call(session_id, "handle", command, ctx, **extra)
+        return future
 
     def _get(self, session_id: str) -> pykka.ActorRef[SessionActor]:
-        with self._lock:
-            ref = self._actors.get(session_id)
-            if ref is not None and ref.is_alive():
-                return ref
-            state, _ = load_state(self.store, session_id, "session", se.replay,
-                                  lambda i: SessionNotFound(f"no session {i}", id=i))
-            ref = self._spawn(session_id, state)
-            return ref
+        return self.registry.get(session_id)
 
-    def _spawn(self, session_id: str, state: se.SessionState | None) -> pykka.ActorRef[SessionActor]:
-        ref = SessionActor.start(
+    def _load(self, session_id: str) -> se.SessionState:
+        state, _ = load_state(self.store, session_id, "session", se.replay,
+                              lambda i: SessionNotFound(f"no session {i}", id=i))
+        return state
+
+    def _start_actor(self, session_id: str, state: se.SessionState | None) -> pykka.ActorRef[SessionActor]:
+        ref: pykka.ActorRef[SessionActor] = SessionActor.start(
             session_id, state, store=self.store, kernels=self.kernels, containers=self.containers,
             workers=self.workers, clock=self.clock, node_id=self.node_id, output_cap=self.output_cap,
-            log_cap=self.log_cap,
+            log_cap=self.log_cap, queue_depth=self.queue_depth,
         )
-        self._actors[session_id] = ref
         return ref
-
-    def _forget(self, session_id: str, ref: pykka.ActorRef[SessionActor]) -> None:
-        with self._lock:
-            if self._actors.get(session_id) is ref:
-                del self._actors[session_id]
 
 
 # ---------------------------------------------------------------------- helpers
@@ -579,6 +667,24 @@ def _guarded(then: Callable[[Any, BaseException | None], None], done: _Done) \
             done(None, exc)
 
     return step
+
+
+def _guarded_future(then: Callable[[Any, BaseException | None], None], future: Future[Reply]) \
+        -> Callable[[Any, BaseException | None], None]:
+    """``then``, but a failure in it still answers the caller."""
+    def step(value: Any, err: BaseException | None) -> None:
+        try:
+            then(value, err)
+        except BaseException as exc:
+            _fail(future, exc)
+
+    return step
+
+
+def _started(extra: dict[str, Any]) -> None:
+    started: threading.Event | None = extra.get("started")
+    if started is not None:
+        started.set()
 
 
 def _fail(future: Future[Reply], exc: BaseException) -> None:

@@ -2,7 +2,8 @@
 of idle ones, and the boot-time reconciliation of the log with the runtimes.
 
 Actors are a cache of the log: an idle actor is stopped after ``passivate_after`` seconds
-and rebuilt from its stream on the next command. Only the supervisor starts or stops
+and rebuilt from its stream on the next command (the registry, activation and passivation
+are ``berthd.actors._registry``'s, shared with the kernel and session supervisors). Only the supervisor starts or stops
 entity actors; everyone else goes through ``container_command``.
 """
 
@@ -17,13 +18,13 @@ from typing import Any
 
 import pykka
 
+from berthd.actors._registry import Registry
 from berthd.actors._stream import load_state
-from berthd.actors.container import ContainerActor, Retired
+from berthd.actors.container import ContainerActor
 from berthd.actors.context import SYSTEM, Clock, CommandContext, Reply, new_id
 from berthd.domain import container as c
 from berthd.domain.base import Event
 from berthd.domain.errors import (
-    Busy,
     Conflict,
     ContainerNotFound,
     RuntimeUnavailable,
@@ -83,14 +84,13 @@ class Supervisor:
         self.is_known = is_known
         self.passivate_after = passivate_after
         self.ask_timeout = ask_timeout
-        self._actors: dict[str, pykka.ActorRef[ContainerActor]] = {}
+        # the registry passivates on its own thread once ``start`` has run
+        self.registry: Registry[ContainerActor] = Registry(
+            "container", start=self._start_actor, load=self._load, ask_timeout=ask_timeout,
+            passivate_after=0.0)
         self._reserved_names: dict[str, tuple[str, float]] = {}
         self._names_lock = threading.Lock()  # never held while anything else is taken
-        self._lock = threading.RLock()  # the registry; never held across an ask
         self._stop = threading.Event()
-        self._janitor: threading.Thread | None = None
-        self.activations = 0
-        self.passivations = 0
         self.exit_listeners: list[Callable[[rt.ExitNotice], None]] = []  # e.g. the kernels
 
     # ------------------------------------------------------------------ lifecycle
@@ -98,28 +98,23 @@ class Supervisor:
     def start(self) -> None:
         for runtime in self.runtimes.values():
             runtime.watch(self._on_exit)
-        self._janitor = threading.Thread(target=self._passivate_loop, name="berthd-passivator", daemon=True)
-        self._janitor.start()
+        self.registry.start_passivation(self.passivate_after)
 
     def stop(self) -> None:
         self._stop.set()
-        if self._janitor is not None:
-            self._janitor.join(timeout=5)
-        with self._lock:
-            refs = list(self._actors.values())
-            self._actors.clear()
-        for ref in refs:
-            try:
-                ref.stop(timeout=10)
-            except pykka.ActorDeadError:
-                pass
-            except Exception:
-                log.exception("stopping an actor")
+        self.registry.stop()
 
     @property
     def live_actors(self) -> int:
-        with self._lock:
-            return len(self._actors)
+        return self.registry.live
+
+    @property
+    def activations(self) -> int:
+        return self.registry.activations
+
+    @property
+    def passivations(self) -> int:
+        return self.registry.passivations
 
     # ------------------------------------------------------------------ commands
 
@@ -144,9 +139,8 @@ class Supervisor:
                 raise Conflict(f"the name '{name}' is taken; choose another or remove that container",
                                field="name", name=name)
             self._reserved_names[name] = (berth_id, now)
-        with self._lock:
-            ref = self._spawn(berth_id, None)
-        future: Future[Reply] = self._ask(ref, "handle", command, ctx, new_id=berth_id, runtime=runtime,
+        ref = self.registry.spawn(berth_id, None)
+        future: Future[Reply] = self.registry.ask(ref, "handle", command, ctx, new_id=berth_id, runtime=runtime,
                                           name=name, network=network, output_cap=output_cap,
                                           berth_dir=berth_dir)
         future.add_done_callback(lambda f: self._release_name(name, failed=f.exception() is not None))
@@ -154,19 +148,18 @@ class Supervisor:
 
     def container_command(self, berth_id: str, command: Any, ctx: CommandContext, **extra: Any) -> Future[Reply]:
         """Send ``command`` to the container's actor, activating it if needed."""
-        for _ in range(5):
-            ref = self._get(berth_id)
-            try:
-                return self._ask(ref, "handle", command, ctx, **extra)
-            except (pykka.ActorDeadError, Retired):
-                self._forget(berth_id, ref)  # passivated between lookup and ask: activate again
-        raise Conflict(f"container {berth_id} is busy restarting its actor; retry")
+        future: Future[Reply] = self.registry.call(berth_id, "handle", command, ctx, **extra)
+        return future
 
     def container_state(self, berth_id: str) -> c.ContainerState | None:
         """The actor's state (only for callers that need the write side's truth)."""
-        ref = self._get(berth_id)
-        state: c.ContainerState | None = ref.proxy().get_state().get(timeout=self.ask_timeout)
+        state: c.ContainerState | None = self.registry.call(berth_id, "get_state")
         return state
+
+    def observe(self, berth_id: str) -> None:
+        """Have the container's actor look at the runtime now and record what changed
+        (an exit, a vanished container); the recording itself follows asynchronously."""
+        self.registry.call(berth_id, "observe")
 
     # ------------------------------------------------------------------ boot
 
@@ -193,8 +186,7 @@ class Supervisor:
                     and seen.state == state.status:
                 continue  # nothing can have changed that the log does not know
             try:
-                ref = self._get(state.id)
-                futures.append(ref.proxy().reconcile().get(timeout=self.ask_timeout))
+                futures.append(self.registry.call(state.id, "reconcile"))
                 checked += 1
             except Exception:
                 log.exception("reconcile: cannot activate container %s", state.id)
@@ -230,14 +222,6 @@ class Supervisor:
 
     # ------------------------------------------------------------------ internals
 
-    def _ask(self, ref: pykka.ActorRef[ContainerActor], method: str, *args: Any, **kwargs: Any) -> Future[Reply]:
-        proxy = ref.proxy()
-        try:
-            inner: Future[Reply] = getattr(proxy, method)(*args, **kwargs).get(timeout=self.ask_timeout)
-        except pykka.Timeout:
-            raise Busy(f"the entity did not take the command within {self.ask_timeout:.0f} s; retry") from None
-        return inner
-
     def _release_name(self, name: str, failed: bool) -> None:
         """A failed create frees its name at once; a successful one holds it until the
         projection surely has it (the read side may lag the write by a moment)."""
@@ -249,28 +233,20 @@ class Supervisor:
                     del self._reserved_names[other]
 
     def _get(self, berth_id: str) -> pykka.ActorRef[ContainerActor]:
-        with self._lock:
-            ref = self._actors.get(berth_id)
-            if ref is not None and ref.is_alive():
-                return ref
-            state, position = load_state(self.store, berth_id, "container", c.replay,
-                                         lambda i: ContainerNotFound(f"no container {i}", id=i))
-            ref = self._spawn(berth_id, state, position)
-            self.activations += 1
-            return ref
+        return self.registry.get(berth_id)
 
-    def _spawn(self, berth_id: str, state: c.ContainerState | None, position: int = 0) -> pykka.ActorRef[ContainerActor]:
-        ref = ContainerActor.start(
+    def _load(self, berth_id: str) -> tuple[c.ContainerState, int]:
+        return load_state(self.store, berth_id, "container", c.replay,
+                          lambda i: ContainerNotFound(f"no container {i}", id=i))
+
+    def _start_actor(self, berth_id: str, loaded: tuple[c.ContainerState, int] | None) \
+            -> pykka.ActorRef[ContainerActor]:
+        state, position = loaded if loaded is not None else (None, 0)
+        ref: pykka.ActorRef[ContainerActor] = ContainerActor.start(
             berth_id, state, store=self.store, runtimes=self.runtimes, workers=self.workers,
             clock=self.clock, node_id=self.node_id, position=position,
         )
-        self._actors[berth_id] = ref
         return ref
-
-    def _forget(self, berth_id: str, ref: pykka.ActorRef[ContainerActor]) -> None:
-        with self._lock:
-            if self._actors.get(berth_id) is ref:
-                del self._actors[berth_id]
 
     def _on_exit(self, notice: rt.ExitNotice) -> None:
         """Called on a runtime's watch thread: have the actor look and record the exit."""
@@ -282,13 +258,7 @@ class Supervisor:
             except Exception:
                 log.exception("exit listener for %s", notice.berth_id)
         try:
-            for _ in range(5):
-                ref = self._get(notice.berth_id)
-                try:
-                    ref.proxy().observe().get(timeout=self.ask_timeout)
-                    return
-                except (pykka.ActorDeadError, Retired):
-                    self._forget(notice.berth_id, ref)
+            self.observe(notice.berth_id)
         except ContainerNotFound:
             pass  # not ours (an orphan): reported at boot
         except (pykka.ActorDeadError, RuntimeUnavailable, StoreUnavailable) as exc:
@@ -296,32 +266,10 @@ class Supervisor:
         except Exception:
             log.exception("exit notice for %s", notice.berth_id)
 
-    def _passivate_loop(self) -> None:
-        interval = max(0.05, min(5.0, self.passivate_after / 4))
-        while not self._stop.wait(interval):
-            try:
-                self.passivate_idle()
-            except Exception:
-                log.exception("passivation")
-
     def passivate_idle(self) -> int:
         """Ask every actor to stop if it has been idle for ``passivate_after``; the actor
         decides on its own mailbox. The registry lock is never held across the ask."""
-        with self._lock:
-            snapshot = list(self._actors.items())
-        stopped = 0
-        for berth_id, ref in snapshot:
-            try:
-                gone = ref.proxy().passivate(self.passivate_after).get(timeout=5)
-            except pykka.ActorDeadError:
-                gone = True
-            except pykka.Timeout:
-                continue  # busy: try again next round, never forget a live actor
-            if gone:
-                self._forget(berth_id, ref)
-                stopped += 1
-        self.passivations += stopped
-        return stopped
+        return self.registry.passivate_idle(self.passivate_after)
 
 
 def _orphan(status: rt.SandboxStatus, runtime: str) -> Event:

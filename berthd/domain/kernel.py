@@ -17,7 +17,7 @@ import msgspec
 
 from berthd.domain.base import Command, Event
 from berthd.domain.container import NAME_RE
-from berthd.domain.errors import Conflict, DeadKernel, ValidationError
+from berthd.domain.errors import Conflict, DeadKernel, RateLimited, ValidationError
 from berthd.domain.image import ImageRef
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "KernelStartFailed",
     "KernelStarted",
     "KernelState",
+    "QueueFull",
     "RestartKernel",
     "decide",
     "evolve",
@@ -48,6 +49,14 @@ __all__ = [
 Language = Literal["python", "bash"]
 Code = Annotated[str, msgspec.Meta(max_length=1 << 20)]
 Timeout = Annotated[float, msgspec.Meta(gt=0, le=86400)]
+
+
+
+class QueueFull(RateLimited):
+    """Too many executions wait for a kernel (or a session) already: 429, retry later."""
+
+    code = "QUEUE_FULL"
+
 
 # ---------------------------------------------------------------------------- commands
 

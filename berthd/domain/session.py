@@ -36,6 +36,7 @@ __all__ = [
     "SessionClosed",
     "SessionExpired",
     "SessionKernelAttached",
+    "SessionKernelLost",
     "SessionOpened",
     "SessionState",
     "allowed",
@@ -112,6 +113,15 @@ class SessionKernelAttached(SessionEvent, frozen=True, kw_only=True):
     container_id: str
 
 
+class SessionKernelLost(SessionEvent, frozen=True, kw_only=True):
+    """The session's kernel is gone (destroyed from outside, dead, lost): the next
+    execution opens a new one (``SessionKernelAttached``)."""
+
+    kernel_id: str
+    reason: str
+    at: str = ""
+
+
 class CommandExecuted(SessionEvent, frozen=True, kw_only=True):
     """One execution in the session. For ``mode == "code"`` the result is the kernel's
     (``ExecutionFinished`` on the kernel's stream); for ``mode == "command"`` the result is
@@ -147,6 +157,7 @@ class SessionClosed(SessionEvent, frozen=True, kw_only=True):
 
 SESSION_EVENTS: tuple[type[Event], ...] = (
     SessionOpened, SessionKernelAttached, CommandExecuted, CommandDenied, SessionExpired, SessionClosed,
+    SessionKernelLost,
 )
 
 FINAL = frozenset({"expired", "closed"})
@@ -199,6 +210,13 @@ def replay(events: Iterable[Event]) -> SessionState | None:
 @_apply.register
 def _(e: SessionKernelAttached, s: SessionState) -> SessionState:
     return msgspec.structs.replace(s, kernel_id=e.kernel_id, container_id=e.container_id)
+
+
+@_apply.register
+def _(e: SessionKernelLost, s: SessionState) -> SessionState:
+    if s.kernel_id != e.kernel_id:
+        return s
+    return msgspec.structs.replace(s, kernel_id=None, container_id=None)
 
 
 @_apply.register

@@ -4,7 +4,8 @@ Frames — client, first and only: ``{"code": "...", "timeout"?: s}`` to run cod
 ``{"attach": result_id, "offset"?: N}`` to follow an execution again (running or
 finished) from ``N`` characters into its combined output (the characters of the
 ``stdout`` and ``stderr`` frames received so far): nothing is lost or repeated. Server:
-for code, first ``{"type": "started", "result_id": "..."}`` (the id to attach with);
+for code, first ``{"type": "started", "result_id": "..."}`` (the id to attach with), once
+the execution has its turn (a kernel runs one at a time; others wait in FIFO order);
 then ``{"type": "stdout"|"stderr", "data": "..."}`` as the code prints, then ``{"type":
 "result", ...}`` with the fields of ``POST /v1/kernels/{id}/execute`` and close 1000; or
 ``{"type": "error", "error": {...}}`` (a dead kernel: ``KERNEL_DEAD``) and close 1008/1011.
@@ -132,12 +133,16 @@ async def _execute(shared: Shared, ws: ServerConnection, deps: Deps, ctx: Comman
         announced.wait(FIRST_FRAME_TIMEOUT)  # the "started" frame goes first
         on_output(stream, text)
 
+    started = threading.Event()  # executions run one at a time: this one may wait its turn
     try:
         future: concurrent.futures.Future[Reply] = await shared.blocking(
             kernels_of(deps).kernel_command, state.id, cmd, ctx, on_output=output_after_started,
-            result_id=result_id)
-        # the intent is on the log now: the id can be attached to, even after a restart
-        await ws.send(encode({"type": "started", "result_id": result_id}), text=True)
+            result_id=result_id, started=started)
+        future.add_done_callback(lambda _f: started.set())
+        await shared.blocking(started.wait)
+        if not (future.done() and future.exception() is not None):
+            # the intent is on the log now: the id can be attached to, even after a restart
+            await ws.send(encode({"type": "started", "result_id": result_id}), text=True)
     finally:
         announced.set()
     outcome = _settled_on(shared.loop, future)

@@ -12,6 +12,7 @@ Endpoints (API.md, "Streaming"; frame formats in each helper module's docstring)
   ``type``, ``kind``, ``entity`` take comma-separated (or repeated) values.
 - ``/v1/containers/{id_or_name}/exec`` (``berthd.http._ws_exec``).
 - ``/v1/kernels/{id_or_name}/execute`` (``berthd.http._ws_kernel``).
+- ``/v1/sessions/{id_or_name}/execute`` (``berthd.http._ws_session``).
 - ``/v1/containers/{id_or_name}/logs?follow=&tail=`` (``berthd.http._ws_logs``).
 
 Everything a client can get wrong in the URL is answered before the upgrade, as HTTP
@@ -62,8 +63,10 @@ from berthd.http._ws_events import parse_events_query, serve_events
 from berthd.http._ws_exec import serve_exec
 from berthd.http._ws_kernel import serve_kernel
 from berthd.http._ws_logs import parse_logs_query, serve_logs
+from berthd.http._ws_session import serve_session
 from berthd.http.auth import SOCKET_PRINCIPAL, Authenticator, Principal
 from berthd.http.deps import Deps
+from berthd.http.ratelimit import Budget, limit_headers, refusal
 
 __all__ = ["WebSocketServer"]
 
@@ -74,8 +77,9 @@ _ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")  # as the HTTP API accepts cor
 
 _Handler = Callable[[Shared, ServerConnection, Handshake], Awaitable[None]]
 _KERNEL_PATH = re.compile(r"^/v1/kernels/(?P<ref>[^/]+)/execute$")
+_SESSION_PATH = re.compile(r"^/v1/sessions/(?P<ref>[^/]+)/execute$")
 _HANDLERS: dict[str, _Handler] = {"events": serve_events, "exec": serve_exec, "logs": serve_logs,
-                                  "kernel": serve_kernel}
+                                  "kernel": serve_kernel, "session": serve_session}
 
 
 class WebSocketServer:
@@ -287,9 +291,17 @@ def _process_request(shared: Shared, trusted: bool) -> Callable[[ServerConnectio
         endpoint, ref = _route(url.path)
         if not endpoint:
             return _reject(NotFound(f"no such WebSocket endpoint: {url.path}"), request_id)
+        if deps.rate_limiter is not None:  # a connection costs what one HTTP request costs
+            budget: Budget = "general" if endpoint in ("events", "logs") else "executions"
+            verdict = deps.rate_limiter.take(principal.key_id, budget)
+            if verdict is not None and not verdict.allowed:
+                return _reject(refusal(principal.key_id, budget, verdict), request_id, limit_headers(verdict))
         try:
             params: Any = None
             if endpoint == "events":
+                # no permessage-deflate here: the fan-out writes each event's frame, the
+                # same bytes for everyone, straight to the socket (``_ws_events``)
+                conn.protocol.available_extensions = None
                 params = parse_events_query(query, deps.containers)
                 if params.after is None:
                     head = await shared.blocking(deps.store.head)
@@ -317,14 +329,15 @@ def _process_response(conn: ServerConnection, request: Request, response: Respon
 
 
 def _route(path: str) -> tuple[str, str]:
-    """("events" | "exec" | "logs", container ref), ("kernel", kernel ref) or ("", "") for
-    an unknown path."""
+    """("events" | "exec" | "logs", container ref), ("kernel", kernel ref), ("session",
+    session ref) or ("", "") for an unknown path."""
     if path == "/v1/events":
         return "events", ""
-    kernel = _KERNEL_PATH.match(path)
-    if kernel is not None:
-        ref = unquote(kernel.group("ref"))
-        return ("kernel", ref) if ref else ("", "")
+    for endpoint, pattern in (("kernel", _KERNEL_PATH), ("session", _SESSION_PATH)):
+        found = pattern.match(path)
+        if found is not None:
+            ref = unquote(found.group("ref"))
+            return (endpoint, ref) if ref else ("", "")
     match = _CONTAINER_PATH.match(path)
     if match is None:
         return "", ""

@@ -17,6 +17,7 @@ from berthd.domain import kernel as k
 from berthd.domain.errors import Conflict, DeadKernel, KernelNotFound, Unprocessable
 from berthd.events import open_store
 from berthd.events.store import EventStore
+from berthd.runtime.base import SandboxNotFound
 from berthd.runtime.fake import FakeRuntime
 
 CTX = CommandContext(principal="k1", owner="k1", is_admin=False, correlation_id="corr-k")
@@ -143,6 +144,21 @@ def test_a_dead_sandbox_is_found_at_the_next_execute(kernels: KernelSupervisor, 
     assert run(kernels, state.id, "5").return_value == "5"  # type: ignore[attr-defined]
 
 
+def test_restart_does_not_depend_on_the_exit_being_recorded_yet(kernels: KernelSupervisor, containers: Supervisor,
+                                                                store: EventStore, runtime: FakeRuntime) -> None:
+    """The container's exit notice may still be on its way when a restart asks to start
+    the container again (seen under load): the restart has the exit recorded itself."""
+    state = create(kernels)
+    runtime.watch(lambda _notice: None)  # exit notices are lost: the container's log lags
+    runtime.exit_behind_our_back(state.container_id, 137)
+    assert containers.container_state(state.container_id).status == "running"  # type: ignore[union-attr]
+    restarted = kernels.kernel_command(state.id, k.RestartKernel(), CTX).result(timeout=60)
+    assert restarted.state.status == "idle"
+    assert run(kernels, state.id, "6 * 7").return_value == "42"  # type: ignore[attr-defined]
+    assert types(store, state.container_id)[-3:] == ["ContainerExited", "ContainerStartRequested",
+                                                     "ContainerStarted"]
+
+
 def test_container_exit_is_routed_to_its_kernel(kernels: KernelSupervisor, containers: Supervisor,
                                                 store: EventStore, runtime: FakeRuntime) -> None:
     containers.exit_listeners.append(kernels.on_container_exit)
@@ -167,10 +183,99 @@ def test_interrupt_while_running_and_busy_refusal(kernels: KernelSupervisor, sto
     assert result.status == "error" and result.error.ename == "KeyboardInterrupt"
     before = len(types(store, state.id))
     blocker = kernels.kernel_command(state.id, k.ExecuteCode(code="import time\ntime.sleep(1)"), CTX)
-    with pytest.raises(Conflict):
-        kernels.kernel_command(state.id, k.ExecuteCode(code="1"), CTX).result(timeout=10)
-    blocker.result(timeout=15)
-    assert len(types(store, state.id)) == before + 2  # the blocker's intent and outcome only
+    waiting = kernels.kernel_command(state.id, k.ExecuteCode(code="1"), CTX)  # waits its turn
+    assert blocker.result(timeout=15).result.status == "ok"
+    assert waiting.result(timeout=15).result.return_value == "1"
+    assert types(store, state.id)[before:] == ["ExecutionStarted", "ExecutionFinished"] * 2
+
+
+def test_concurrent_executions_queue_in_order(kernels: KernelSupervisor, store: EventStore) -> None:
+    state = create(kernels)
+    run(kernels, state.id, "order = []")
+    first = kernels.kernel_command(state.id, k.ExecuteCode(code="import time\ntime.sleep(0.3)\n'first'"), CTX)
+    futures = [kernels.kernel_command(state.id, k.ExecuteCode(code=f"order.append({i})\n{i} * 10"), CTX)
+               for i in range(8)]
+    assert first.result(timeout=30).result.return_value == "'first'"
+    assert [f.result(timeout=30).result.return_value for f in futures] == [str(i * 10) for i in range(8)]
+    assert run(kernels, state.id, "order").return_value == str(list(range(8)))  # type: ignore[attr-defined]
+    kinds = [t for t in types(store, state.id) if t.startswith("Execution")]
+    assert kinds == ["ExecutionStarted", "ExecutionFinished"] * 11  # never two at once
+
+
+def test_a_full_queue_is_refused_and_a_destroy_answers_the_waiting(
+        store: EventStore, runtime: FakeRuntime, workers: ThreadPoolExecutor, containers: Supervisor) -> None:
+    kernels = kernels_for(store, runtime, workers, containers, queue_depth=2)
+    try:
+        state = create(kernels)
+        running = kernels.kernel_command(state.id, k.ExecuteCode(code="import time\ntime.sleep(30)"), CTX)
+        waiting = [kernels.kernel_command(state.id, k.ExecuteCode(code=f"{i}"), CTX) for i in range(2)]
+        before = store.head()
+        with pytest.raises(k.QueueFull) as refused:
+            kernels.kernel_command(state.id, k.ExecuteCode(code="3"), CTX).result(timeout=10)
+        assert refused.value.status == 429 and refused.value.code == "QUEUE_FULL"
+        assert refused.value.details["retry_after"] == 1
+        assert store.head() == before  # nothing appended for a refusal
+        kernels.kernel_command(state.id, k.DestroyKernel(), CTX).result(timeout=30)
+        for f in waiting:
+            with pytest.raises(Conflict, match="destroyed before this code ran"):
+                f.result(timeout=10)
+        with pytest.raises(Exception):  # noqa: B017 - the running one ends with its kernel, never a success
+            running.result(timeout=30)
+        assert types(store, state.id).count("ExecutionStarted") == 1
+    finally:
+        kernels.stop()
+
+
+def test_an_interrupted_destroy_is_finished_at_boot(store: EventStore, runtime: FakeRuntime,
+                                                    workers: ThreadPoolExecutor, containers: Supervisor) -> None:
+    first = kernels_for(store, runtime, workers, containers)
+    state = create(first)
+    first.stop()  # the daemon "dies" right after recording the intent:
+    version = len(store.read_stream(state.id))
+    store.append(state.id, version, [k.KernelDestroyRequested()], CTX.meta(system_clock, NODE))
+    assert runtime.inspect(state.container_id).state == "running"
+    second = kernels_for(store, runtime, workers, containers)
+    try:
+        assert second.reconcile(_kernels(store)) == {"checked": 1, "failed": 0}
+        assert types(store, state.id)[-2:] == ["KernelDestroyRequested", "KernelDestroyed"]
+        assert types(store, state.container_id)[-1] == "ContainerRemoved"
+        with pytest.raises(SandboxNotFound):
+            runtime.inspect(state.container_id)
+        assert second.reconcile(_kernels(store)) == {"checked": 0, "failed": 0}  # nothing left to do
+    finally:
+        second.stop()
+
+
+def test_an_idle_kernel_is_passivated_and_keeps_its_agent(kernels: KernelSupervisor, store: EventStore) -> None:
+    state = create(kernels)
+    run(kernels, state.id, "x = 41")
+    assert kernels.passivate_idle(3600) == 0  # not idle for that long
+    assert kernels.passivate_idle(0) == 1 and kernels.live_actors == 0
+    activations = kernels.activations
+    assert run(kernels, state.id, "x + 1").return_value == "42"  # type: ignore[attr-defined]
+    assert kernels.activations == activations + 1
+    assert "KernelRestarted" not in types(store, state.id) and types(store, state.id).count("KernelStarted") == 1
+
+
+def test_a_busy_kernel_is_not_passivated(kernels: KernelSupervisor) -> None:
+    state = create(kernels)
+    running = kernels.kernel_command(state.id, k.ExecuteCode(code="import time\ntime.sleep(0.5)\n7"), CTX)
+    assert kernels.passivate_idle(0) == 0 and kernels.live_actors == 1
+    assert running.result(timeout=30).result.return_value == "7"
+
+
+def test_a_passivated_kernel_hears_of_its_container_exit(kernels: KernelSupervisor, containers: Supervisor,
+                                                         store: EventStore, runtime: FakeRuntime) -> None:
+    containers.exit_listeners.append(kernels.on_container_exit)
+    kernels.kernel_of_container = lambda cid: next(
+        (s.id for s in _kernels(store) if s.container_id == cid), None)
+    state = create(kernels)
+    assert kernels.passivate_idle(0) == 1
+    runtime.exit_behind_our_back(state.container_id, 137)
+    deadline = time.monotonic() + 10
+    while "KernelDied" not in types(store, state.id):
+        assert time.monotonic() < deadline, types(store, state.id)
+        time.sleep(0.02)
 
 
 def test_state_survives_a_new_supervisor_and_open_executions_are_finished(

@@ -131,18 +131,126 @@ def test_kernel_opens_on_demand_and_keeps_state(sessions: SessionSupervisor, sto
     assert executed.meta.correlation_id == "corr-s" and executed.event.result_id  # type: ignore[attr-defined]
 
 
-def test_concurrent_first_executions_share_one_kernel(sessions: SessionSupervisor, store: EventStore) -> None:
-    s = open_session(sessions)
-    futures = [sessions.session_command(s.id, se.ExecuteInSession(code=f"{i}"), CTX) for i in range(2)]
-    done = []
-    for f in futures:
-        try:
-            done.append(f.result(timeout=60))
-        except Conflict:  # the kernel runs one execution at a time
-            pass
-    assert done
+def test_concurrent_executions_queue_and_share_one_kernel(sessions: SessionSupervisor, store: EventStore) -> None:
+    s = open_session(sessions, policy=se.Policy(allow=["echo"]))
+    first = sessions.session_command(s.id, se.ExecuteInSession(code="order = []"), CTX)
+    futures = [sessions.session_command(s.id, se.ExecuteInSession(code=f"order.append({i})\n{i}"), CTX)
+               for i in range(10)]
+    command = sessions.session_command(s.id, se.ExecuteInSession(command=["echo", "in turn"]), CTX)
+    assert first.result(timeout=60).result.result.status == "ok"
+    assert [f.result(timeout=60).result.result.return_value for f in futures] == [str(i) for i in range(10)]
+    assert command.result(timeout=60).result.result.stdout == "in turn\n"
+    assert run(sessions, s.id, code="order").result.return_value == str(list(range(10)))
     assert types(store, s.id).count("SessionKernelAttached") == 1
+    assert types(store, s.id).count("CommandExecuted") == 13
     assert len(_kernels(store)) == 1
+
+
+def test_a_full_session_queue_is_refused(sessions: SessionSupervisor, store: EventStore,
+                                         clock: ManualClock) -> None:
+    small = SessionSupervisor(store=store, kernels=sessions.kernels, containers=sessions.containers,
+                              workers=sessions.workers, clock=clock, node_id=NODE, name_taken=lambda _n: False,
+                              active=lambda: _states(store), queue_depth=1)
+    try:
+        s = small.create_session(se.CreateSession(), CTX).result(timeout=30).state
+        running = small.session_command(s.id, se.ExecuteInSession(code="import time\ntime.sleep(1)\n1"), CTX)
+        waiting = small.session_command(s.id, se.ExecuteInSession(code="2"), CTX)
+        with pytest.raises(k.QueueFull):
+            small.session_command(s.id, se.ExecuteInSession(code="3"), CTX).result(timeout=10)
+        assert running.result(timeout=60).result.result.return_value == "1"
+        assert waiting.result(timeout=60).result.result.return_value == "2"
+        small.session_command(s.id, se.CloseSession(), CTX).result(timeout=60)
+        assert types(store, s.id) == ["SessionOpened", "SessionKernelAttached", "CommandExecuted",
+                                      "CommandExecuted", "SessionClosed"]  # the refusal left no trace
+    finally:
+        small.stop()
+
+
+def test_close_answers_the_waiting(sessions: SessionSupervisor, store: EventStore) -> None:
+    s = open_session(sessions)
+    running = sessions.session_command(s.id, se.ExecuteInSession(code="import time\ntime.sleep(0.5)\n1"), CTX)
+    waiting = sessions.session_command(s.id, se.ExecuteInSession(code="2"), CTX)
+    ask(sessions, s.id, se.CloseSession())
+    with pytest.raises(Conflict, match="closed"):
+        waiting.result(timeout=30)
+    with pytest.raises(Exception):  # noqa: B017 - its kernel is destroyed under it: never a success
+        running.result(timeout=30)
+    assert types(store, s.id).count("CommandExecuted") == 0
+
+
+def test_a_kernel_destroyed_from_outside_is_replaced(sessions: SessionSupervisor, store: EventStore) -> None:
+    s = open_session(sessions, policy=se.Policy(allow=["echo"]))
+    run(sessions, s.id, code="x = 1")
+    old = sessions._get(s.id).proxy().get_state().get()
+    sessions.kernels.kernel_command(old.kernel_id, k.DestroyKernel(), CTX).result(timeout=30)
+    fresh = run(sessions, s.id, code="'x' in dir()")
+    assert fresh.result.status == "ok" and fresh.result.return_value == "False"  # a new interpreter
+    now = sessions._get(s.id).proxy().get_state().get()
+    assert now.kernel_id not in (None, old.kernel_id) and now.container_id != old.container_id
+    assert types(store, s.id)[-3:] == ["SessionKernelLost", "SessionKernelAttached", "CommandExecuted"]
+    lost = store.read_stream(s.id)[-3].event
+    assert isinstance(lost, se.SessionKernelLost) and lost.kernel_id == old.kernel_id
+    assert "destroyed" in lost.reason
+    # a command runs in the new kernel's sandbox
+    assert run(sessions, s.id, command=["echo", "ok"]).result.stdout == "ok\n"
+
+
+def test_a_dead_kernel_is_replaced_and_its_sandbox_removed(sessions: SessionSupervisor, store: EventStore) -> None:
+    s = open_session(sessions)
+    run(sessions, s.id, code="1")
+    old = sessions._get(s.id).proxy().get_state().get()
+    runtime = sessions.kernels.runtimes["fake"]
+    runtime.exit_behind_our_back(old.container_id, 137)  # type: ignore[attr-defined]
+    # the kernel finds out at its next execution (the exit hook is not wired here)
+    with pytest.raises(Conflict):
+        sessions.kernels.kernel_command(old.kernel_id, k.ExecuteCode(code="2"), CTX).result(timeout=30)
+    assert run(sessions, s.id, code="3").result.return_value == "3"
+    assert "SessionKernelLost" in types(store, s.id)
+    assert _wait(lambda: types(store, old.kernel_id)[-1] == "KernelDestroyed")
+
+
+def test_a_close_cut_short_by_a_crash_is_finished_at_boot(sessions: SessionSupervisor, store: EventStore,
+                                                         clock: ManualClock) -> None:
+    s = open_session(sessions)
+    run(sessions, s.id, code="1")
+    kernel_id = sessions._get(s.id).proxy().get_state().get().kernel_id
+    sessions.stop()  # the daemon "dies" just after recording the close:
+    version = len(store.read_stream(s.id))
+    store.append(s.id, version, [se.SessionClosed(at="2026-01-01T00:00:00.000Z")], CTX.meta(clock, NODE))
+    assert types(store, kernel_id)[-1] == "ExecutionFinished"
+
+    def ended() -> list[se.SessionState]:
+        ids = {r.stream_id for r in store.read_all() if r.kind == "session"}
+        states = [se.replay(r.event for r in store.read_stream(i)) for i in ids]
+        return [x for x in states if x is not None and x.status in se.FINAL]
+
+    again = SessionSupervisor(store=store, kernels=sessions.kernels, containers=sessions.containers,
+                              workers=sessions.workers, clock=clock, node_id=NODE, name_taken=lambda _n: False,
+                              active=lambda: _states(store), ended=ended)
+    try:
+        again.start()
+        assert again.kernels_closed == 1
+        assert types(store, kernel_id)[-2:] == ["KernelDestroyRequested", "KernelDestroyed"]
+        container_id = next(x.container_id for x in _kernels(store) if x.id == kernel_id)
+        assert types(store, container_id)[-1] == "ContainerRemoved"
+        assert again.close_kernels_of_ended() == 0  # done once
+    finally:
+        again.stop()
+
+
+def test_a_passivated_session_comes_back_and_still_expires(sessions: SessionSupervisor, store: EventStore,
+                                                           clock: ManualClock) -> None:
+    s = open_session(sessions, ttl_seconds=60)
+    run(sessions, s.id, code="y = 5")
+    assert sessions.passivate_idle(0) == 1 and sessions.live_actors == 0
+    assert run(sessions, s.id, code="y").result.return_value == "5"  # activated again, same kernel
+    assert types(store, s.id).count("SessionKernelAttached") == 1
+    kernel_id = sessions._get(s.id).proxy().get_state().get().kernel_id
+    assert sessions.passivate_idle(0) == 1 and sessions.live_actors == 0
+    clock.advance(61)
+    assert sessions.expire_due() == 1  # due sessions come from the log's view, not from live actors
+    assert types(store, s.id)[-1] == "SessionExpired"
+    assert types(store, kernel_id)[-1] == "KernelDestroyed"
 
 
 def test_commands_run_in_the_sandbox_and_are_stored(sessions: SessionSupervisor, store: EventStore) -> None:

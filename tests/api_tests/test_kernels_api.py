@@ -124,6 +124,59 @@ def test_interrupt(rt: tuple[DaemonProcess, str], kernel: dict[str, Any]) -> Non
     assert execute(d, kid, "2*21")["return_value"] == "42"
 
 
+def test_interrupt_with_nothing_running_is_a_no_op(rt: tuple[DaemonProcess, str]) -> None:
+    d, name = rt
+    r = d.post("/v1/kernels", {"language": "python", "image": IMAGES[name]})
+    assert r.status_code == 201, r.text
+    kid = r.json()["id"]
+    try:
+        # at once, while the kernel may still be starting, and again once it is idle
+        first = d.post(f"/v1/kernels/{kid}/interrupt")
+        assert first.status_code == 200 and first.json()["interrupted"] is None, first.text
+        assert execute(d, kid, "1 + 1")["return_value"] == "2"
+        again = d.post(f"/v1/kernels/{kid}/interrupt")
+        assert again.status_code == 200 and again.json()["interrupted"] is None, again.text
+    finally:
+        d.delete(f"/v1/kernels/{kid}")
+
+
+def test_concurrent_executes_queue(rt: tuple[DaemonProcess, str], kernel: dict[str, Any]) -> None:
+    d, _ = rt
+    kid = kernel["id"]
+    answers: dict[int, Any] = {}
+
+    def send(i: int) -> None:
+        answers[i] = d.post(f"/v1/kernels/{kid}/execute", {"code": f"import time\ntime.sleep(0.05)\n{i} + 1000"})
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(answers) == 6
+    for i, r in answers.items():  # never 409 busy: they wait their turn
+        assert r.status_code == 200, r.text
+        assert r.json()["return_value"] == str(i + 1000)
+    assert len({r.json()["execution_count"] for r in answers.values()}) == 6  # one at a time
+
+
+def test_ws_execute_waits_its_turn(rt: tuple[DaemonProcess, str], kernel: dict[str, Any]) -> None:
+    d, _ = rt
+    kid = kernel["id"]
+    out: dict[str, Any] = {}
+    runner = threading.Thread(target=lambda: out.update(execute(d, kid, "import time\ntime.sleep(0.5)\n'first'")))
+    runner.start()
+    assert wait_for(lambda: d.get(f"/v1/kernels/{kid}").json()["status"] == "busy")
+    with ws_connect(d, kid) as ws:
+        ws.send(json.dumps({"code": "print('second', flush=True)\n2"}))
+        frames = [json.loads(m) for m in ws]
+    runner.join(30)
+    assert out["return_value"] == "'first'"
+    assert frames[0]["type"] == "started" and frames[-1]["type"] == "result"
+    assert frames[-1]["return_value"] == "2" and frames[-1]["result_id"] == frames[0]["result_id"]
+    assert "".join(f["data"] for f in frames if f["type"] == "stdout") == "second\n"
+
+
 def test_restart_clears_state(rt: tuple[DaemonProcess, str], kernel: dict[str, Any]) -> None:
     d, _ = rt
     kid = kernel["id"]
@@ -216,15 +269,19 @@ def test_refusals_append_nothing(local_daemon: DaemonProcess) -> None:
     assert events == []
 
 
-def test_bash_kernel_keeps_cd_and_export(local_daemon: DaemonProcess) -> None:
-    # the Docker test image has no bash; the host has
-    d = local_daemon
-    kid = d.post("/v1/kernels", {"language": "bash", "image": "host"}).json()["id"]
+def test_bash_kernel_keeps_cd_and_export(rt: tuple[DaemonProcess, str]) -> None:
+    d, name = rt  # the Docker test image carries the host's bash (ops/test-images.sh)
+    created = d.post("/v1/kernels", {"language": "bash", "image": IMAGES[name]})
+    assert created.status_code == 201, created.text
+    kid = created.json()["id"]
     try:
         assert execute(d, kid, "cd /tmp && export GREETING=hi")["status"] == "ok"
         r = execute(d, kid, "pwd; echo $GREETING")
         assert r["stdout"] == "/tmp\nhi\n" and r["return_value"] is None
         assert execute(d, kid, "(exit 3)")["exit_code"] == 3
+        late = execute(d, kid, "sleep 60", timeout=1)
+        assert late["status"] == "timeout"
+        assert execute(d, kid, "echo $GREETING in $PWD")["stdout"] == "hi in /tmp\n"  # still the same shell
     finally:
         d.delete(f"/v1/kernels/{kid}")
 

@@ -5,15 +5,22 @@ after a daemon restart, close — on the local runtime, and the basic path on Do
 
 from __future__ import annotations
 
+import contextlib
+import json
 import pathlib
+import threading
 import time
 from typing import Any
 
 import requests
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
 
 from berthd.actors import SYSTEM, append_retrying, system_clock
 from berthd.domain import EVENT_TYPES
+from berthd.domain.kernel import KernelDestroyRequested
 from berthd.domain.node import ApiKeyCreated
+from berthd.domain.session import SessionClosed
 from berthd.events import open_store
 from berthd.http.auth import hash_key
 from tests.daemon_process import DaemonProcess
@@ -110,6 +117,95 @@ def test_code_and_commands_on_the_local_runtime(local_daemon: DaemonProcess) -> 
     assert sid in [i["id"] for i in d.get("/v1/sessions", params={"status": "closed"}).json()["items"]]
 
 
+def test_concurrent_executes_in_one_session_queue(local_daemon: DaemonProcess) -> None:
+    d = local_daemon
+    sid = open_session(d)["id"]
+    execute(d, sid, code="order = []")
+    n = 8
+    answers: dict[int, requests.Response] = {}
+
+    def send(i: int) -> None:
+        answers[i] = d.post(f"/v1/sessions/{sid}/execute",
+                            {"code": f"import time\ntime.sleep(0.05)\norder.append({i})\n{i} * 100"})
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for i, r in answers.items():  # never 409 busy: each caller gets its own result
+        assert r.status_code == 200, r.text
+        assert r.json()["status"] == "ok" and r.json()["return_value"] == str(i * 100)
+    assert len(answers) == n
+    order = execute(d, sid, code="order")["return_value"]
+    assert sorted(eval(order)) == list(range(n))  # noqa: S307 - a list of ints from our own kernel
+    # one at a time, in the order they were taken: the results' counts follow the log's order
+    counts = [e["data"]["execution_count"] for e in events_of(d, sid) if e["type"] == "CommandExecuted"]
+    assert counts == sorted(counts) and len(counts) == n + 2
+    d.delete(f"/v1/sessions/{sid}")
+
+
+def test_a_session_opens_a_new_kernel_after_its_kernel_was_deleted(local_daemon: DaemonProcess) -> None:
+    d = local_daemon
+    sid = open_session(d)["id"]
+    execute(d, sid, code="kept = 1")
+    old = d.get(f"/v1/sessions/{sid}").json()
+    assert d.delete(f"/v1/kernels/{old['kernel_id']}").status_code == 200
+    again = execute(d, sid, code="'kept' in dir()")
+    assert again["status"] == "ok" and again["return_value"] == "False"  # a new interpreter
+    view = d.get(f"/v1/sessions/{sid}").json()
+    assert view["kernel_id"] not in (None, old["kernel_id"]) and view["container_id"] != old["container_id"]
+    assert kernel_status(d, view["kernel_id"]) == "idle"
+    lost = [e for e in events_of(d, sid) if e["type"] == "SessionKernelLost"]
+    assert len(lost) == 1 and lost[0]["data"]["kernel_id"] == old["kernel_id"]
+    d.delete(f"/v1/sessions/{sid}")
+    assert kernel_status(d, view["kernel_id"]) == "destroyed"
+
+
+def ws_frames(d: DaemonProcess, sid: str, request: dict[str, Any]) -> list[dict[str, Any]]:
+    frames: list[dict[str, Any]] = []
+    with connect(f"{d.ws}/v1/sessions/{sid}/execute", additional_headers=d.headers, open_timeout=10) as ws:
+        with contextlib.suppress(ConnectionClosed):  # an unknown session is answered before it is sent
+            ws.send(json.dumps(request))
+        with contextlib.suppress(ConnectionClosed):  # an error frame closes with 1008/1011
+            while True:
+                frames.append(json.loads(ws.recv(60)))
+    return frames
+
+
+def test_ws_execute_streams_code_output_then_the_result(local_daemon: DaemonProcess) -> None:
+    d = local_daemon
+    sid = open_session(d, policy={"allow": ["echo"]})["id"]
+    code = "import time\nfor i in range(3):\n    print(f'line {i}', flush=True)\n    time.sleep(0.1)\n'end'"
+    with connect(f"{d.ws}/v1/sessions/{sid}/execute", additional_headers=d.headers, open_timeout=10) as ws:
+        ws.send(json.dumps({"code": code}))
+        started = json.loads(ws.recv(60))
+        assert started["type"] == "started" and started["result_id"]
+        first = json.loads(ws.recv(10))
+        assert first["type"] == "stdout" and first["data"].startswith("line 0")  # while it runs
+        frames = [first, *(json.loads(m) for m in ws)]
+    result = frames[-1]
+    assert result["type"] == "result" and result["status"] == "ok" and result["return_value"] == "'end'"
+    assert result["result_id"] == started["result_id"] and result["executed_at"]
+    assert "".join(f["data"] for f in frames if f["type"] == "stdout") == "line 0\nline 1\nline 2\n"
+    assert result["stdout"] == "line 0\nline 1\nline 2\n"
+    assert d.get(f"/v1/results/{result['result_id']}").json()["return_value"] == "'end'"
+
+    echoed = ws_frames(d, sid, {"command": ["echo", "hi"]})
+    assert [f["type"] for f in echoed] == ["started", "result"]
+    assert echoed[-1]["stdout"] == "hi\n" and echoed[-1]["result_id"] == echoed[0]["result_id"]
+    assert d.get(f"/v1/results/{echoed[0]['result_id']}").json()["stdout"] == "hi\n"
+
+    denied = ws_frames(d, sid, {"command": ["rm", "-rf", "/"]})
+    assert [f["type"] for f in denied] == ["error"] and denied[0]["error"]["code"] == "POLICY_DENIED"
+    bad = ws_frames(d, sid, {"code": "1", "command": ["echo"]})
+    assert bad[0]["type"] == "error" and bad[0]["error"]["details"]["field"] == "code"
+    missing = ws_frames(d, "nope", {"code": "1"})
+    assert missing[0]["error"]["code"] == "SESSION_NOT_FOUND"
+    assert d.get(f"/v1/sessions/{sid}").json()["commands_executed"] == 2
+    d.delete(f"/v1/sessions/{sid}")
+
+
 def test_execute_with_retry(local_daemon: DaemonProcess) -> None:
     d = local_daemon
     sid = open_session(d)["id"]
@@ -203,6 +299,61 @@ def test_expiry_after_a_daemon_restart(tmp_path: pathlib.Path) -> None:
         d.stop()
 
 
+def test_passivated_kernels_and_sessions_come_back_and_still_expire(tmp_path: pathlib.Path) -> None:
+    d = DaemonProcess(tmp_path / "data", runtime="local", extra_env={"BERTHD_PASSIVATE_AFTER": "0.3"}).start()
+    try:
+        sid = open_session(d, ttl_seconds=5)["id"]
+        execute(d, sid, code="x = 41")
+        kid = d.post("/v1/kernels", {"image": "host"}).json()["id"]
+        assert d.post(f"/v1/kernels/{kid}/execute", {"code": "y = 1"}).status_code == 200
+
+        def counts() -> dict[str, Any]:
+            got: dict[str, Any] = d.get("/v1/info").json()["counts"]
+            return got
+
+        assert wait_for(lambda: counts()["kernel_actors"] == 0 and counts()["session_actors"] == 0)
+        assert execute(d, sid, code="x + 1")["return_value"] == "42"  # the same kernel, reconnected
+        assert d.post(f"/v1/kernels/{kid}/execute", {"code": "y + 1"}).json()["return_value"] == "2"
+        session_kernel = d.get(f"/v1/sessions/{sid}").json()["kernel_id"]
+        assert [e["type"] for e in events_of(d, sid)].count("SessionKernelAttached") == 1
+        assert wait_for(lambda: counts()["session_actors"] == 0)
+        # the timer finds the due session in the view, not among live actors
+        assert wait_for(lambda: d.get(f"/v1/sessions/{sid}").json()["status"] == "expired", timeout=15)
+        assert wait_for(lambda: kernel_status(d, session_kernel) == "destroyed")
+        assert kernel_status(d, kid) == "idle"
+        d.delete(f"/v1/kernels/{kid}")
+    finally:
+        d.stop()
+
+
+def test_destroys_cut_short_by_a_crash_are_finished_at_boot(tmp_path: pathlib.Path) -> None:
+    """The daemon dies (SIGKILL) between recording an end and carrying it out: a session's
+    close, a kernel's destroy. The next boot finishes both, sandboxes included."""
+    d = DaemonProcess(tmp_path / "data", runtime="local").start()
+    try:
+        sid = open_session(d)["id"]
+        execute(d, sid, code="1")
+        session_kernel = d.get(f"/v1/sessions/{sid}").json()["kernel_id"]
+        kernel = d.post("/v1/kernels", {"image": "host"}).json()
+        d.kill()
+        store = open_store(str(d.data_dir / "berthd.db"), EVENT_TYPES)
+        try:  # the intents the daemon had recorded when it died
+            meta = SYSTEM.meta(system_clock, "t")
+            append_retrying(store, sid, [SessionClosed(at="2026-01-01T00:00:00.000Z")], meta)
+            append_retrying(store, kernel["id"], [KernelDestroyRequested()], meta)
+        finally:
+            store.close()
+        d.start()
+        assert d.get(f"/v1/sessions/{sid}").json()["status"] == "closed"
+        assert kernel_status(d, session_kernel) == "destroyed"  # at boot, before it answers anything
+        assert kernel_status(d, kernel["id"]) == "destroyed"
+        assert d.get(f"/v1/containers/{kernel['container_id']}").json()["status"] == "removed"
+        sandbox = d.get(f"/v1/kernels/{session_kernel}").json()["container_id"]
+        assert d.get(f"/v1/containers/{sandbox}").json()["status"] == "removed"
+    finally:
+        d.stop()
+
+
 def test_code_and_command_on_docker(docker_daemon: DaemonProcess) -> None:
     d = docker_daemon
     sid = open_session(d, image=PYTHON_IMAGE, policy={"allow": ["python3 -c", "ls"]})["id"]
@@ -213,6 +364,21 @@ def test_code_and_command_on_docker(docker_daemon: DaemonProcess) -> None:
     assert d.get(f"/v1/results/{ran['result_id']}").json()["stdout"] == "42\n"
     r = d.post(f"/v1/sessions/{sid}/execute", {"command": ["cat", "/etc/passwd"]})
     assert r.status_code == 403 and r.json()["error"]["code"] == "POLICY_DENIED"
+    # its kernel deleted from outside: the next execution opens a new one
+    old = d.get(f"/v1/sessions/{sid}").json()["kernel_id"]
+    assert d.delete(f"/v1/kernels/{old}").status_code == 200
+    assert execute(d, sid, code="'x' in dir()")["return_value"] == "False"
     kernel_id = d.get(f"/v1/sessions/{sid}").json()["kernel_id"]
+    assert kernel_id != old and kernel_status(d, kernel_id) == "idle"
+    assert execute(d, sid, command=["ls", "/"])["status"] == "ok"  # in the new sandbox
     assert d.delete(f"/v1/sessions/{sid}").json()["status"] == "closed"
     assert kernel_status(d, kernel_id) == "destroyed"
+
+
+def test_bash_session_on_docker(docker_daemon: DaemonProcess) -> None:
+    d = docker_daemon
+    sid = open_session(d, image=PYTHON_IMAGE, language="bash")["id"]
+    assert execute(d, sid, code="cd /tmp && export WHO=berth")["status"] == "ok"
+    assert execute(d, sid, code="echo $WHO@$PWD")["stdout"] == "berth@/tmp\n"
+    assert execute(d, sid, code="false")["exit_code"] == 1
+    d.delete(f"/v1/sessions/{sid}")

@@ -442,6 +442,99 @@ def test_user_keys_see_only_their_own_containers_events(make_world: Callable[...
     assert closed.rcvd.code == 1008
 
 
+def test_many_subscribers_get_every_event_in_order_across_catch_up_and_live(world: World) -> None:
+    """The fan-out writes batches of frames straight to each connection: subscribers
+    joining at different points, while batches are appended, each get their exact range."""
+    first = append_many(world.store, "node-pre", 30, batch=7)
+    go = threading.Barrier(3)
+
+    def writer(i: int) -> None:
+        go.wait()
+        append_many(world.store, f"node-f{i}", 200, batch=5)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    go.wait()
+    starts = [0, 10, first, None]
+    sockets = [world.connect("/v1/events" if s is None else f"/v1/events?after={s}") for s in starts]
+    for t in threads:
+        t.join()
+    head = append_many(world.store, "node-post", 20, batch=4)  # live for every one of them
+    for start, ws in zip(starts, sockets, strict=True):
+        got = positions_until(ws, head)
+        if start is None:  # live only: from some head at connect time, then everything
+            start = got[0] - 1
+        assert got == list(range(start + 1, head + 1)), start
+        with pytest.raises(TimeoutError):
+            ws.recv(timeout=0.1)
+
+
+def test_events_negotiate_no_compression_and_a_deflate_client_gets_plain_frames(world: World) -> None:
+    """The fan-out writes one frame's bytes to every subscriber, so /v1/events accepts no
+    extension; websockets' client offers permessage-deflate by default, and still works."""
+    last = append_many(world.store, "node-z", 3)
+    with world.connect("/v1/events?after=0", compression="deflate") as ws:
+        assert ws.protocol.extensions == []
+        assert ws.response is not None and "Sec-WebSocket-Extensions" not in ws.response.headers
+        frames = [recv(ws) for _ in range(last)]
+        live = append_many(world.store, "node-z", 2)
+        frames += [recv(ws) for _ in range(live - last)]
+    expected = [json.loads(msgspec.json.encode(r.as_served())) for r in world.store.read_all()]
+    assert frames == expected
+
+
+def test_other_endpoints_still_negotiate_compression(world: World) -> None:
+    state = world.create(["sleep", "30"])
+    with world.connect(f"/v1/containers/{state.id}/logs?follow=false", compression="deflate") as ws:
+        assert [type(e).__name__ for e in ws.protocol.extensions] == ["PerMessageDeflate"]
+
+
+def test_a_consumer_whose_socket_backs_up_is_cut_and_resumes(make_world: Callable[..., World]) -> None:
+    """Events appended one at a time (each delivery is small): what cuts a subscriber
+    that does not read is the bytes its socket has not taken."""
+    world = make_world(limits=Limits(ws_queue_events=64))
+    big = "y" * 8000
+
+    def fat(i: int) -> Event:
+        return n.NodeStopped(reason=big)
+
+    with world.connect("/v1/events?after=0", max_queue=1) as ws:
+        last = append_many(world.store, "node-big", 2500, make=fat)
+        frames, closed = closed_by_server(ws)
+    assert closed.rcvd is not None and closed.rcvd.code == 1013, closed
+    sent = [f["position"] for f in frames]
+    assert sent == list(range(1, len(sent) + 1))
+    assert closed.rcvd.reason == f"resume after={sent[-1] if sent else 0}"
+    with world.connect(f"/v1/events?{closed.rcvd.reason.split()[1]}") as ws:
+        assert positions_until(ws, last) == list(range(len(sent) + 1, last + 1))
+
+
+def test_the_fan_out_follows_the_runner_only_while_someone_subscribes(world: World) -> None:
+    baseline = world.runner._listeners  # test-only access: listeners are not public
+    for _ in range(2):  # the last subscriber leaving, then a new one: still delivered
+        with world.connect("/v1/events") as ws:
+            last = append_many(world.store, "node-again", 2)
+            assert positions_until(ws, last) == [last - 1, last]
+            assert len(world.runner._listeners) == len(baseline) + 1
+        deadline = time.monotonic() + TIMEOUT
+        while world.runner._listeners != baseline:
+            assert time.monotonic() < deadline, "the fan-out still listens with no subscriber"
+            time.sleep(0.01)
+
+
+def test_user_keys_see_only_their_own_containers_live_events(world: World) -> None:
+    with world.connect("/v1/events", key=USER_KEY) as ws:
+        world.create(["sleep", "30"], ctx=ADMIN)
+        mine = world.create(["sleep", "30"], ctx=USER)
+        world.create(["sleep", "30"], ctx=ADMIN)
+        mine_ids = sorted(r.position for r in world.store.read_all() if r.stream_id == mine.id)
+        frames = [recv(ws) for _ in mine_ids]
+        assert [f["position"] for f in frames] == mine_ids
+        with pytest.raises(TimeoutError):
+            ws.recv(timeout=0.2)
+
+
 # ---------------------------------------------------------------------- exec
 
 

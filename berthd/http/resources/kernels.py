@@ -1,11 +1,17 @@
 """/v1/kernels and /v1/results: persistent code kernels and their executions.
 
+Executions run one at a time: one sent while another runs waits its turn (FIFO) and gets
+its own result; more than the queue's depth waiting answers 429 ``QUEUE_FULL``.
+
 A kernel that died answers 409 ``KERNEL_DEAD`` to ``execute`` (never a result): the
 details carry the ``result_id`` of the execution it died in, whose stored result
 (``GET /v1/results/{id}``) has ``status: "dead"``.
 """
 
 from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
 
 import falcon
 import msgspec
@@ -15,12 +21,14 @@ from berthd.actors.kernel import KernelResult, KernelSupervisor
 from berthd.domain import kernel as k
 from berthd.domain.errors import KernelNotFound, ResultNotFound, RuntimeUnavailable, ValidationError
 from berthd.http.deps import Deps
+from berthd.http.precondition import set_etag
 from berthd.http.resources._common import context_of, outcome
+from berthd.http.resources.containers import check_profile
 from berthd.http.views import KernelList, ResultView, kernel_view
 from berthd.http.wire import decode_body, query_int, send_json
 
 __all__ = ["KernelAction", "KernelCollection", "KernelItem", "ResultItem", "find_kernel",
-           "kernels_of", "result_view", "fresh_kernel", "capped_execute"]
+           "kernels_of", "result_view", "fresh_kernel", "capped_execute", "queued_outcome"]
 
 STATUSES = ("starting", "idle", "busy", "dead", "restarting", "destroyed")
 
@@ -57,6 +65,14 @@ def capped_execute(deps: Deps, cmd: k.ExecuteCode) -> k.ExecuteCode:
     return cmd
 
 
+def queued_outcome(deps: Deps, future: Future[Reply], started: threading.Event, run_for: float) -> Reply:
+    """An execution's outcome: however long it waits its turn (the queue is bounded and
+    every execution capped), then at most ``run_for`` seconds once it has started."""
+    while not started.wait(0.5) and not future.done():
+        pass
+    return outcome(deps, future, timeout=run_for)
+
+
 def result_view(r: KernelResult, kernel_id: str) -> ResultView:
     return ResultView(
         status=r.status, stdout=r.stdout, stderr=r.stderr, return_value=r.return_value,
@@ -71,6 +87,7 @@ class KernelCollection:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         cmd = decode_body(req, k.CreateKernel, self.deps.limits.max_body_bytes)
+        check_profile(self.deps, cmd.runtime, cmd.profile)
         ctx = context_of(req)
         reply = outcome(self.deps, kernels_of(self.deps).create_kernel(cmd, ctx))
         send_json(resp, kernel_view(fresh_kernel(self.deps, reply)), falcon.HTTP_201)
@@ -97,7 +114,7 @@ class KernelItem:
         self.deps = deps
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
-        send_json(resp, kernel_view(find_kernel(self.deps, id, context_of(req))))
+        send_json(resp, kernel_view(set_etag(resp, find_kernel(self.deps, id, context_of(req)))))
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
         ctx = context_of(req)
@@ -117,8 +134,9 @@ class KernelAction:
             cmd = capped_execute(deps, decode_body(req, k.ExecuteCode, limit))
             ctx = context_of(req)
             state = find_kernel(deps, id, ctx)
-            reply = outcome(deps, kernels_of(deps).kernel_command(state.id, cmd, ctx),
-                            timeout=(cmd.timeout or deps.limits.command_timeout) + 30.0)
+            started = threading.Event()  # executions run one at a time: this one may wait its turn
+            future = kernels_of(deps).kernel_command(state.id, cmd, ctx, started=started)
+            reply = queued_outcome(deps, future, started, (cmd.timeout or deps.limits.command_timeout) + 30.0)
             send_json(resp, result_view(reply.result, state.id))
         elif action == "restart":
             decode_body(req, k.RestartKernel, limit, empty_ok=True)

@@ -4,11 +4,14 @@
 session's sandbox, checked against the session's policy: a denied one answers 403
 ``POLICY_DENIED`` and is recorded as ``CommandDenied``). Both answer the kernel result
 fields plus ``result_id`` and ``executed_at``; ``execute_with_retry`` adds ``attempts``.
-A session past its ``expires_at`` answers 409 ``SESSION_EXPIRED``.
+A session past its ``expires_at`` answers 409 ``SESSION_EXPIRED``. Executions in a session
+run one at a time in arrival order (each caller gets its own result); more than the
+queue's depth waiting answers 429 ``QUEUE_FULL``.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import falcon
@@ -19,7 +22,10 @@ from berthd.actors.session import SessionOutcome, SessionSupervisor
 from berthd.domain import session as se
 from berthd.domain.errors import RuntimeUnavailable, SessionNotFound, ValidationError
 from berthd.http.deps import Deps
+from berthd.http.precondition import set_etag
 from berthd.http.resources._common import context_of, outcome
+from berthd.http.resources.containers import check_profile
+from berthd.http.resources.kernels import queued_outcome
 from berthd.http.views import ResultView
 from berthd.http.wire import decode_body, query_int, send_json
 
@@ -31,7 +37,9 @@ __all__ = [
     "SessionList",
     "SessionResultView",
     "SessionView",
+    "capped_timeout",
     "find_session",
+    "session_result_view",
     "session_view",
 ]
 
@@ -116,7 +124,13 @@ def fresh_session(deps: Deps, reply: Reply) -> se.SessionState:
     return state
 
 
-def _capped(deps: Deps, timeout: float | None) -> float:
+def session_result_view(reply: Reply) -> SessionResultView:
+    """An execution's answer, as ``POST .../execute`` and the WebSocket send it."""
+    return _result_view(reply.result, _kernel_of(reply))
+
+
+def capped_timeout(deps: Deps, timeout: float | None) -> float:
+    """A request waits for the execution: never longer than a command may take."""
     cap = deps.limits.command_timeout
     return cap if timeout is None or timeout > cap else timeout
 
@@ -127,6 +141,7 @@ class SessionCollection:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         cmd = decode_body(req, se.CreateSession, self.deps.limits.max_body_bytes, empty_ok=True)
+        check_profile(self.deps, cmd.runtime, cmd.profile)
         ctx = context_of(req)
         reply = outcome(self.deps, sessions_of(self.deps).create_session(cmd, ctx))
         send_json(resp, session_view(fresh_session(self.deps, reply)), falcon.HTTP_201)
@@ -152,7 +167,7 @@ class SessionItem:
         self.deps = deps
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
-        send_json(resp, session_view(find_session(self.deps, id, context_of(req))))
+        send_json(resp, session_view(set_etag(resp, find_session(self.deps, id, context_of(req)))))
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, id: str) -> None:
         ctx = context_of(req)
@@ -172,21 +187,25 @@ class SessionAction:
             cmd = decode_body(req, se.ExecuteInSession, limit)
             if (cmd.code is None) == (cmd.command is None):
                 raise ValidationError("give exactly one of 'code' or 'command'", field="code")
-            timeout = _capped(deps, cmd.timeout)
+            timeout = capped_timeout(deps, cmd.timeout)
             cmd = msgspec.structs.replace(cmd, timeout=timeout)
             ctx = context_of(req)
             state = find_session(deps, id, ctx)
-            reply = outcome(deps, sessions_of(deps).session_command(state.id, cmd, ctx), timeout=timeout + 90.0)
+            started = threading.Event()  # a session runs one execution at a time: this one may wait
+            future = sessions_of(deps).session_command(state.id, cmd, ctx, started=started)
+            reply = queued_outcome(deps, future, started, timeout + 90.0)
             deps.runner.wait_for(reply.position, deps.limits.read_your_writes_timeout)
-            send_json(resp, _result_view(reply.result, _kernel_of(reply)))
+            send_json(resp, session_result_view(reply))
         elif action == "execute_with_retry":
             retry = decode_body(req, se.ExecuteWithRetry, limit)
-            timeout = _capped(deps, retry.timeout)
+            timeout = capped_timeout(deps, retry.timeout)
             retry = msgspec.structs.replace(retry, timeout=timeout)
             ctx = context_of(req)
             state = find_session(deps, id, ctx)
             total = timeout * (2 * retry.max_attempts) + 90.0
-            reply = outcome(deps, sessions_of(deps).session_command(state.id, retry, ctx), timeout=total)
+            started = threading.Event()
+            future = sessions_of(deps).session_command(state.id, retry, ctx, started=started)
+            reply = queued_outcome(deps, future, started, total)
             deps.runner.wait_for(reply.position, deps.limits.read_your_writes_timeout)
             o: SessionOutcome = reply.result
             kernel_id = _kernel_of(reply)
