@@ -1,6 +1,6 @@
 """``Daemon``: start in order, stop in reverse, in ``finally``, with a backstop.
 
-Boot = lock the data dir → open the store → rebuild projections → runtimes and their
+Boot = lock the data dir → open the store → projections (checkpoints, then the tail) → runtimes and their
 watchers → reconcile the log with the runtimes → admin key → listeners → endpoints.json.
 Stop = the other way, then ``ActorRegistry.stop_all()`` for anything left.
 """
@@ -36,7 +36,7 @@ from berthd.daemon.config import Config, parse_listen
 from berthd.domain import EVENT_TYPES
 from berthd.domain.node import ApiKeyCreated, NodeStarted, NodeStopped
 from berthd.events import open_store
-from berthd.events.projection import ProjectionRunner
+from berthd.events.projection import CheckpointDir, ProjectionRunner
 from berthd.events.readmodels import (
     AuditView,
     ContainersView,
@@ -50,9 +50,13 @@ from berthd.events.store import EventStore
 from berthd.http.app import create_app
 from berthd.http.auth import Authenticator, hash_key
 from berthd.http.deps import Deps, Limits
+from berthd.http.idempotency import IdempotencyStore
+from berthd.http.keypolicy import KeyDefaults
 from berthd.http.server import HttpServers, ServerLimits
 from berthd.http.ws import WebSocketServer
+from berthd.kernel.exec_agent import exec_agents
 from berthd.runtime.base import Runtime, RuntimeError_
+from berthd.runtime.security import configure_security
 
 __all__ = ["Daemon", "DaemonError", "store_url"]
 
@@ -111,15 +115,26 @@ class Daemon:
 
         containers, images_view, audit, keys = ContainersView(), ImagesView(), AuditView(), KeysView()
         kernels_view, results, sessions_view = KernelsView(), ResultsView(), SessionsView()
+        # checkpoints: only the log's tail is replayed at boot (none for a memory store)
+        checkpoints = None if cfg.store in ("memory", "memory://") else CheckpointDir(self.data_dir / "checkpoints")
         runner = ProjectionRunner(store, [containers, images_view, audit, keys, kernels_view, results,
-                                          sessions_view])
+                                          sessions_view], checkpoints=checkpoints)
+        runner.restore_checkpoints()
         runner.catch_up()
         runner.start()
-        self._push("projections", runner.stop)
+
+        def stop_projections() -> None:
+            runner.stop()
+            runner.save_checkpoints()
+
+        self._push("projections", stop_projections)
 
         runtimes, default = self._runtimes(node_id)
+        configure_security(runtimes, cfg, str(self.data_dir))  # profiles, mount and host roots
         for name, runtime in runtimes.items():
             self._push(f"runtime {name}", runtime.close)
+            # end the exec agents (they would otherwise wait out their heartbeat on Docker)
+            self._push(f"exec agents {name}", exec_agents(runtime).close)
         workers = ThreadPoolExecutor(max_workers=256, thread_name_prefix="berthd-worker")
         self._push("workers", lambda: workers.shutdown(wait=False, cancel_futures=True))
 
@@ -141,6 +156,7 @@ class Daemon:
                            for name in runtimes},
             find_container=containers.get, name_taken=kernels_view.name_taken,
             kernel_of_container=kernels_view.kernel_of, output_cap=cfg.limits.output_cap_bytes,
+            passivate_after=cfg.passivate_after,
         )
         supervisor.exit_listeners.append(kernels.on_container_exit)
         self._push("kernels", kernels.stop)
@@ -149,6 +165,8 @@ class Daemon:
         sessions = SessionSupervisor(
             store=store, kernels=kernels, containers=supervisor, workers=workers, clock=self.clock,
             node_id=node_id, name_taken=sessions_view.name_taken, active=sessions_view.active,
+            ended=sessions_view.ended, kernel_view=kernels_view.get,
+            passivate_after=cfg.passivate_after,
             output_cap=cfg.limits.output_cap_bytes, tick=self.session_tick,
         )
         self._push("sessions", sessions.stop)
@@ -180,6 +198,8 @@ class Daemon:
                         "install bubblewrap (apt-get install bubblewrap) for isolation")
 
         limits = Limits(**{f: getattr(cfg.limits, f) for f in cfg.limits.__struct_fields__})
+        idempotency = IdempotencyStore(str(self.data_dir / "idempotency.db"), self.clock, cfg.idempotency_ttl)
+        self._push("idempotency", idempotency.close)
         self.deps = Deps(
             store=store, runner=runner, containers=containers, images_view=images_view, audit=audit,
             supervisor=supervisor, images=ImageService(store=store, runtimes=runtimes, default_runtime=default,
@@ -188,6 +208,11 @@ class Daemon:
             version=berthd.__version__, limits=limits,
             kernels=kernels, kernels_view=kernels_view, results=results, pool=pool,
             sessions=sessions, sessions_view=sessions_view,
+            keys=keys, idempotency=idempotency, key_defaults=KeyDefaults(
+                rate_limits={"general": cfg.rate_limits.general, "executions": cfg.rate_limits.executions,
+                             "sessions": cfg.rate_limits.sessions},
+                quotas={"containers": cfg.quotas.containers, "kernels": cfg.quotas.kernels,
+                        "sessions": cfg.quotas.sessions}),
         )
         self._listen()
         self._write_endpoints()
@@ -209,7 +234,8 @@ class Daemon:
             app, http_addr[0] if http_addr else None, http_addr[1] if http_addr else None,
             str(sock_dir / "berthd.sock") if cfg.socket else None,
             ServerLimits(threads=s.threads, connection_limit=s.connection_limit,
-                         channel_timeout=s.channel_timeout,
+                         channel_timeout=s.channel_timeout, header_timeout=s.header_timeout,
+                         request_timeout=s.request_timeout, per_client_connections=s.per_client_connections,
                          max_request_body_size=2 * cfg.limits.max_body_bytes + (1 << 20)),
         )
         self.http.start()
@@ -318,7 +344,7 @@ class Daemon:
         docker_error = ""
         if wanted in ("auto", "docker"):
             try:
-                docker_rt = DockerRuntime(node_id)
+                docker_rt = DockerRuntime(node_id, timeout=self.config.docker_timeout)
                 docker_rt.ping()
                 runtimes["docker"] = docker_rt
             except (RuntimeError_, Exception) as exc:  # the SDK raises many kinds
