@@ -8,7 +8,11 @@ execs its command in it with the run's context, and the sandbox is then removed 
 on success, failure and timeout alike; a used sandbox is never handed out again.
 
 After every take the pool's own thread tops the key up again (``size`` per key that has
-been used, plus the keys configured to be warmed at start). Removals go through the same
+been used, plus the keys configured to be warmed at start): after a miss at once, after a
+hit once the run is over, so that making a sandbox never competes with a hit's command.
+Before a sandbox is offered, its exec agent is started (``berthd.kernel.exec_agent``,
+where the image has a python3), so a hit runs its command as a round trip on a held
+stream rather than a runtime exec. Removals go through the same
 thread, so a run answers once its command finished, not once its sandbox is gone (the
 removal intent is on the log a moment later). On stop the pool removes its idle
 sandboxes; at start it removes pool sandboxes a crash left behind (found by their label
@@ -30,19 +34,20 @@ from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, Protocol, cast
 
-from berthd.actors.container import ExecOutcome
+from berthd.actors.container import POOL_LABEL, ExecOutcome
 from berthd.actors.context import SYSTEM, CommandContext, Reply
 from berthd.actors.supervisor import Supervisor
 from berthd.domain import container as c
 from berthd.domain.errors import BerthdError, Conflict, ContainerNotFound, RuntimeUnavailable
+from berthd.kernel.exec_agent import exec_agents
 
 __all__ = ["POOL_LABEL", "Lease", "PoolKey", "WarmPool"]
 
 log = logging.getLogger(__name__)
 
-POOL_LABEL = "berth.pool"
-"""Label on every sandbox the pool made (warm or cold): such a sandbox is the pool's to
-remove, and one left over from a crash is removed at the next start."""
+# POOL_LABEL (defined with the container actor, which reads it too): on every sandbox the
+# pool made (warm or cold); such a sandbox is the pool's to remove, and one left over from
+# a crash is removed at the next start.
 
 Source = Literal["hit", "miss", "cold"]
 
@@ -144,8 +149,19 @@ class WarmPool:
         with self._lock:
             creates = list(self._creates)
         wait_futures(creates, timeout=max(0.1, deadline - time.monotonic()))
+        # made but not offered yet (their agent job never ran): removed with the idle ones
+        unoffered: list[str] = []
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(job, tuple) and job[0] == "agent":
+                unoffered.append(job[2])
+            elif isinstance(job, tuple) and job[0] in ("remove", "discard"):
+                unoffered.append(job[1])
         with self._lock:
-            idle = [i for slot in self._slots.values() for i in slot.idle]
+            idle = [i for slot in self._slots.values() for i in slot.idle] + unoffered
             for slot in self._slots.values():
                 slot.idle.clear()
         for berth_id in idle:
@@ -170,8 +186,8 @@ class WarmPool:
                     berth_id = slot.idle.popleft() if slot.idle else None
                     if berth_id is None:
                         slot.misses += 1
-                self._jobs.put(key)  # top it up, hit or miss
                 if berth_id is None:
+                    self._jobs.put(key)  # top it up now; after a hit, once the run is over
                     break
                 state = self.containers.get(berth_id)
                 if state is None or (state.status == "running" and state.pending is None):
@@ -188,11 +204,14 @@ class WarmPool:
         return Lease(reply.state.id, key, source)
 
     def release(self, lease: Lease, ctx: CommandContext) -> None:
-        """The run is over: remove its sandbox (never reused)."""
+        """The run is over: remove its sandbox (never reused); after a hit, top the key
+        up (not before: creating a sandbox would compete with the run for the CPU)."""
         if self._stopping or self._thread is None or not self._thread.is_alive():
             self._remove(lease.container_id, ctx)
         else:
             self._jobs.put(("remove", lease.container_id, ctx))
+            if lease.source == "hit":
+                self._jobs.put(lease.key)
 
     def run(self, key: PoolKey, command: c.ExecInContainer, ctx: CommandContext, *, fast: bool = True,
             output_cap: int = 1 << 20, wait: float = 600.0) -> tuple[Lease, ExecOutcome]:
@@ -241,6 +260,9 @@ class WarmPool:
                 "removing": len(self._removing),
                 "leftovers_removed": self.leftovers_removed,
                 "keys": keys,
+                # execs through exec agents vs runtime execs, per runtime (all containers)
+                "exec_agents": {name: exec_agents(runtime).stats()
+                                for name, runtime in self.supervisor.runtimes.items()},
             }
 
     # ------------------------------------------------------------------ internals
@@ -276,6 +298,8 @@ class WarmPool:
                     self._remove(job[1], job[2])
                 elif isinstance(job, tuple) and job[0] == "discard":
                     self._remove(job[1], SYSTEM)
+                elif isinstance(job, tuple) and job[0] == "agent":
+                    self._warm_agent(job[1], job[2])
             except Exception:
                 log.exception("pool: %r", job)
 
@@ -324,18 +348,35 @@ class WarmPool:
         self._created(key, None if exc else future.result().state.id, exc)
 
     def _created(self, key: PoolKey, berth_id: str | None, exc: BaseException | None) -> None:
+        if berth_id is not None:
+            self._jobs.put(("agent", key, berth_id))  # still "creating" until its agent is up
+            return
         with self._lock:
             slot = self._slots[key]
             slot.creating -= 1
-            if berth_id is None:
-                slot.failures += 1
-                slot.retry_at = time.monotonic() + min(30.0, 0.5 * 2 ** min(slot.failures, 6))
-                slot.last_error = str(exc)
-                log.warning("pool: cannot warm a sandbox for %s/%s (%s): %s",
-                            key.runtime, key.image, key.profile, exc)
-                return
+            slot.failures += 1
+            slot.retry_at = time.monotonic() + min(30.0, 0.5 * 2 ** min(slot.failures, 6))
+            slot.last_error = str(exc)
+        log.warning("pool: cannot warm a sandbox for %s/%s (%s): %s",
+                    key.runtime, key.image, key.profile, exc)
+
+    def _warm_agent(self, key: PoolKey, berth_id: str) -> None:
+        """On the pool's thread: start the sandbox's exec agent (where the image has a
+        python3), so the run is a round trip on a held stream, then offer it."""
+        runtime = self.supervisor.runtimes.get(key.runtime)
+        if runtime is not None and not self._stopping:
+            try:
+                exec_agents(runtime).warm(berth_id)
+            except Exception:  # no agent: the run takes the runtime exec
+                log.exception("pool: exec agent for %s", berth_id)
+        with self._lock:
+            slot = self._slots[key]
+            slot.creating -= 1
             slot.failures, slot.last_error = 0, None
-            slot.idle.append(berth_id)  # when stopping, stop() waits for this and removes it
+            if not self._stopping:
+                slot.idle.append(berth_id)
+                return
+        self._remove(berth_id, SYSTEM)
 
     def _discard(self, berth_id: str) -> None:
         self._jobs.put(("discard", berth_id))

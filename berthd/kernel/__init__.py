@@ -16,6 +16,10 @@ Typical use (a kernel with a container of its own)::
 
 After a daemon restart: ``AgentClient.connect(locate_agent(runtime, berth_id,
 kernel_id).socket_path)``.
+
+The same agent file has a second mode, ``serve-exec``: no kernel, but the commands of
+container execs, run on one held runtime exec per container (``exec_agent``), so an exec
+costs a round trip instead of a runtime exec.
 """
 
 from berthd.kernel.client import (
@@ -37,6 +41,8 @@ from berthd.kernel.launch import (
     AgentPaths,
     agent_command,
     agent_source,
+    exec_agent_command,
+    exec_agent_payload,
     install_agent,
     kernel_spec,
     locate_agent,
@@ -60,6 +66,8 @@ __all__ = [
     "UnknownExecution",
     "agent_command",
     "agent_source",
+    "exec_agent_command",
+    "exec_agent_payload",
     "install_agent",
     "kernel_spec",
     "locate_agent",

@@ -8,6 +8,12 @@ never runs it from inside the package: it copies it (``berthd.kernel.launch``).
 
     python3 agent.py serve --language python|bash [--dir DIR] [--output-cap CHARS]
                            [--history N] [--kill-grace SECONDS] [--shell PATH] [--daemon]
+    python3 agent.py serve-exec
+
+``serve-exec`` is the other job of this file: no kernel, but commands run for the daemon
+over the stdin/stdout of one held runtime exec, so that an exec costs a round trip
+instead of a runtime exec (``ExecServer`` documents its protocol; the daemon ships this
+file to it through that same stdin, see ``berthd.kernel.exec_agent``).
 
 Why it survives the daemon
 --------------------------
@@ -1596,6 +1602,517 @@ def python_worker(request_fd: int, result_fd: int) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- exec mode
+
+
+EXEC_DRAIN = 1.0  # seconds to read what a finished command's leftovers still print
+EXEC_HEARTBEAT = 60.0  # seconds without a byte from the daemon before the agent gives up
+EXEC_KILL_GRACE = 3.0  # seconds to collect output after a timeout kill
+
+
+def _initial_environ() -> dict[str, str]:
+    """The environment this process was started with, as the runtime gave it: read from
+    ``/proc/self/environ``, before Python's own changes (C locale coercion sets
+    ``LC_CTYPE``), so commands see exactly what a runtime exec would give them."""
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return dict(os.environ)
+    env: dict[str, str] = {}
+    for entry in raw.split(b"\0"):
+        name, sep, value = entry.partition(b"=")
+        if sep and name:
+            env[os.fsdecode(name)] = os.fsdecode(value)
+    return env
+
+
+def _session_members(sid: int) -> list[int]:
+    found = []
+    for pid in _pids():
+        info = _proc_stat(pid)
+        if info is not None and info[1] == sid and info[2] not in ("Z", "X"):
+            found.append(pid)
+    return found
+
+
+def _start_guardian() -> int:
+    """Fork the guardian of the exec mode's commands; returns the pipe to tell it about
+    them ("+SID" when a command starts in session SID, "-SID" when it is over).
+
+    When the agent dies, even by SIGKILL, the pipe ends and the guardian kills every
+    process still in those sessions (the commands and whatever they started there),
+    then exits. Cheaper than PR_SET_PDEATHSIG on each command (which needs a Python
+    ``preexec_fn``, so a full fork instead of vfork: milliseconds per command), and it
+    reaches the commands' own children too."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(read_fd)
+        return write_fd
+    status = 0
+    try:
+        os.close(write_fd)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):  # never hold the agent's stream open
+            os.dup2(null, fd)
+        os.closerange(3, read_fd)
+        os.closerange(read_fd + 1, 65536)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)  # a stop of the agent is not ours
+        sessions: set[int] = set()
+        for line in _read_lines(read_fd):
+            word = line.decode("ascii", "replace").strip()
+            if word[:1] == "+" and word[1:].isdigit():
+                sessions.add(int(word[1:]))
+            elif word[:1] == "-" and word[1:].isdigit():
+                sessions.discard(int(word[1:]))
+        for _ in range(20):  # again while they fork between our look and our kill
+            victims = [p for sid in sessions for p in _session_members(sid)]
+            if not victims:
+                break
+            for victim in victims:
+                _kill(victim, signal.SIGKILL)
+            time.sleep(0.005)
+    except BaseException:
+        status = 1
+    os._exit(status)
+
+
+class _Run:
+    """One command of the exec mode: its process, pipes and capped output."""
+
+    def __init__(
+        self,
+        run_id: Any,
+        proc: subprocess.Popen[bytes],
+        cap: int,
+        timeout: float | None,
+        stdin: bytes | None,
+        kill_on_exit: bool,
+    ) -> None:
+        assert proc.stdout is not None and proc.stderr is not None
+        self.id = run_id
+        self.proc = proc
+        self.pid = proc.pid  # also its session id
+        self.cap = cap
+        self.started = time.monotonic()
+        self.deadline = self.started + timeout if timeout else None
+        self.output = {"stdout": bytearray(), "stderr": bytearray()}
+        self.truncated = False
+        self.fds = {proc.stdout.fileno(): "stdout", proc.stderr.fileno(): "stderr"}
+        self.stdin_fd = proc.stdin.fileno() if proc.stdin is not None else -1
+        self.pending = memoryview(stdin or b"")
+        self.kill_on_exit = kill_on_exit
+        self.status: int | None = None  # wait status, once reaped
+        self.timed_out = False
+        self.stop_reading_at: float | None = None
+
+    def add(self, stream: str, data: bytes) -> None:
+        kept = self.output[stream]
+        room = self.cap - len(kept)
+        if len(data) > room:
+            self.truncated = True
+            data = data[: max(0, room)]
+        kept += data
+
+    def exit_code(self) -> int | None:
+        if self.status is None:
+            return None
+        if os.WIFSIGNALED(self.status):
+            return 128 + os.WTERMSIG(self.status)  # as a container engine reports it
+        return os.WEXITSTATUS(self.status)
+
+    def kill_tree(self) -> None:
+        """The command and everything in its session (orphans that stayed there too)."""
+        if self.status is None:
+            _kill(self.pid, signal.SIGKILL)
+        for _ in range(20):  # again while they fork between our look and our kill
+            victims = _session_members(self.pid)
+            if not victims:
+                return
+            for pid in victims:
+                _kill(pid, signal.SIGKILL)
+            time.sleep(0.001)
+
+
+class ExecServer:
+    """``serve-exec``: runs commands for the daemon, one JSON line per request on stdin,
+    one per answer on stdout (the held stream of one runtime exec). No kernel, no
+    socket: it lives as long as that stream; end-of-file on stdin (the daemon closed it
+    or died) kills every command still running and ends the agent.
+
+    Requests (``id`` is echoed in the answer; many commands may run at once):
+
+    ``{"op": "run", "id", "argv": [str], "env"?: {str: str}, "workdir"?: str|null,
+    "stdin"?: base64|null, "timeout"?: seconds|null, "output_cap"?: bytes,
+    "kill_on_exit"?: bool}``
+        -> ``{"type": "result", "id", "exit_code", "stdout": base64, "stderr": base64,
+        "truncated", "timed_out", "duration_ms"}``, or ``{"type": "error", "id", "code":
+        "spawn_failed"|"bad_request", "message"}`` when nothing was started. The command
+        runs in a session of its own with the agent's environment (as the runtime gave
+        it) updated by ``env``; stdin is ``/dev/null`` unless given. Each stream keeps
+        ``output_cap`` bytes (``truncated`` when more came). Past ``timeout`` its session
+        is killed (``timed_out``, exit code 137). After its exit, output is read until
+        both pipes close or for ``EXEC_DRAIN`` seconds; with ``kill_on_exit`` its session
+        is killed at its exit (the local runtime's exec semantics).
+    ``{"op": "cancel", "id"}`` -> kills that command; its result follows as usual.
+    ``{"op": "ping", "id"?}`` -> ``{"type": "pong", "id"}``; also the daemon's heartbeat:
+    a runtime may keep an exec running after its client vanished (Docker keeps its stdin
+    open), so when nothing came for ``heartbeat`` seconds (``--heartbeat``, default
+    ``EXEC_HEARTBEAT``; in the hello) the agent ends as on end-of-file.
+
+    Commands die with the agent: a guardian process (``_start_guardian``) kills their
+    sessions when the agent ends, even by SIGKILL."""
+
+    def __init__(self, rfd: int = 0, wfd: int = 1, heartbeat: float = EXEC_HEARTBEAT) -> None:
+        self.rfd = rfd
+        self.wfd = wfd
+        self.heartbeat = heartbeat
+        self.last_input = time.monotonic()
+        self.base_env = _initial_environ()
+        self.selector = selectors.DefaultSelector()
+        self.runs: dict[int, _Run] = {}  # by pid
+        self.by_id: dict[str, _Run] = {}
+        self.inbuf = bytearray()
+        self.running = True
+        self.exit_status = 0
+        self._wake_r = -1
+
+    def serve(self) -> int:
+        import base64
+
+        self._b64 = base64
+        self._guard_fd = _start_guardian()
+        _become_subreaper()
+        self._wake_r, wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._on_stop_signal)
+        os.set_blocking(self.rfd, False)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+        self.selector.register(self.rfd, selectors.EVENT_READ, self._on_request)
+        self._prime()
+        self._send(
+            {
+                "type": "hello",
+                "agent": AGENT_NAME,
+                "protocol": PROTOCOL,
+                "mode": "exec",
+                "agent_pid": os.getpid(),
+                "uid": os.getuid(),
+                "interpreter": "Python " + platform.python_version(),
+                "heartbeat": self.heartbeat,
+            }
+        )
+        try:
+            while self.running:
+                for key, mask in self.selector.select(self._next_timeout()):
+                    key.data(key.fileobj, mask)
+                self._on_timers()
+        finally:
+            for run in list(self.runs.values()):
+                run.kill_tree()
+        return self.exit_status
+
+    def _on_stop_signal(self, signum: int, frame: types.FrameType | None) -> None:
+        self.running = False
+        self.exit_status = 128 + signum
+
+    @staticmethod
+    def _prime() -> None:
+        """Spawn once before saying hello (this interpreter, doing nothing): the first
+        spawn of a fresh agent costs milliseconds more than the next ones (code paths and
+        pages touched for the first time), and the first command should not pay that."""
+        try:
+            subprocess.run(
+                [sys.executable, "-I", "-S", "-c", ""],
+                stdin=subprocess.DEVNULL, capture_output=True, start_new_session=True,
+                close_fds=True, timeout=10,
+            )
+        except (OSError, subprocess.SubprocessError):
+            pass
+
+    def _guard(self, message: str) -> None:
+        try:
+            _write_all(self._guard_fd, (message + "\n").encode())
+        except OSError:
+            _log("the guardian of the commands is gone")
+
+    def _send(self, frame: dict[str, Any]) -> None:
+        data = (json.dumps(frame, separators=(",", ":")) + "\n").encode()
+        try:
+            _write_all(self.wfd, data)
+        except OSError:  # the daemon is gone
+            self.running = False
+
+    # ------------------------------------------------------------------ requests
+
+    def _on_request(self, fileobj: Any, mask: int) -> None:
+        try:
+            data = os.read(self.rfd, 262144)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.running = False  # the daemon closed the stream (or died)
+            return
+        self.last_input = time.monotonic()
+        self.inbuf += data
+        while True:
+            end = self.inbuf.find(b"\n")
+            if end < 0:
+                if len(self.inbuf) > MAX_REQUEST:
+                    self._send({"type": "error", "id": None, "code": "bad_request",
+                                "message": "request too large"})
+                    self.running = False
+                return
+            line = bytes(self.inbuf[:end])
+            del self.inbuf[: end + 1]
+            if line.strip():
+                try:
+                    self._handle(line)
+                except Exception:  # a bad request must never take the agent down
+                    _log("request failed: " + traceback.format_exc())
+
+    def _handle(self, line: bytes) -> None:
+        try:
+            request = json.loads(line)
+        except ValueError:
+            return self._send({"type": "error", "id": None, "code": "bad_request",
+                               "message": "not a JSON line"})
+        if not isinstance(request, dict):
+            return self._send({"type": "error", "id": None, "code": "bad_request",
+                               "message": "a request is a JSON object"})
+        op = request.get("op")
+        run_id = request.get("id")
+        if op == "ping":
+            return self._send({"type": "pong", "id": run_id})
+        if op == "cancel":
+            run = self.by_id.get(str(run_id))
+            if run is not None:
+                run.kill_tree()
+            return None
+        if op != "run":
+            return self._send({"type": "error", "id": run_id, "code": "bad_request",
+                               "message": f"unknown op {op!r}"})
+        return self._run(run_id, request)
+
+    def _bad(self, run_id: Any, message: str) -> None:
+        self._send({"type": "error", "id": run_id, "code": "bad_request", "message": message})
+
+    def _run(self, run_id: Any, request: dict[str, Any]) -> None:
+        argv = request.get("argv")
+        env = request.get("env") or {}
+        workdir = request.get("workdir")
+        stdin = request.get("stdin")
+        timeout = request.get("timeout")
+        cap = request.get("output_cap", DEFAULT_OUTPUT_CAP)
+        if str(run_id) in self.by_id:
+            return self._bad(run_id, "a command with this id is running")
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            return self._bad(run_id, "argv must be a non-empty list of strings")
+        if not isinstance(env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+        ):
+            return self._bad(run_id, "env must map strings to strings")
+        if workdir is not None and not isinstance(workdir, str):
+            return self._bad(run_id, "workdir must be a string or null")
+        if stdin is not None and not isinstance(stdin, str):
+            return self._bad(run_id, "stdin must be base64 or null")
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0
+        ):
+            return self._bad(run_id, "timeout must be a positive number or null")
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
+            return self._bad(run_id, "output_cap must be a non-negative integer")
+        data = self._b64.b64decode(stdin) if stdin is not None else None
+        full_env = dict(self.base_env)
+        full_env.update(env)
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE if data is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=full_env,
+                cwd=workdir or None,
+                start_new_session=True,  # its session: what the guardian kills
+                close_fds=True,
+            )
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            return self._send({"type": "error", "id": run_id, "code": "spawn_failed",
+                               "message": str(exc)})
+        self._guard(f"+{proc.pid}")
+        run = _Run(run_id, proc, cap, timeout, data, request.get("kill_on_exit") is True)
+        self.runs[run.pid] = run
+        self.by_id[str(run_id)] = run
+        for fd in run.fds:
+            os.set_blocking(fd, False)
+            self.selector.register(fd, selectors.EVENT_READ, self._on_output)
+        if run.stdin_fd >= 0:
+            if run.pending:
+                os.set_blocking(run.stdin_fd, False)
+                self.selector.register(run.stdin_fd, selectors.EVENT_WRITE, self._on_stdin)
+            else:
+                self._close_stdin(run)
+        return None
+
+    # ------------------------------------------------------------------ commands
+
+    def _run_of_fd(self, fd: int) -> _Run | None:
+        for run in self.runs.values():
+            if fd in run.fds or fd == run.stdin_fd:
+                return run
+        return None
+
+    def _on_output(self, fileobj: Any, mask: int) -> None:
+        fd = int(fileobj)
+        run = self._run_of_fd(fd)
+        if run is None:
+            return
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            run.add(run.fds[fd], data)
+            return
+        self._close_fd(run, fd)
+        self._maybe_finish(run)
+
+    def _on_stdin(self, fileobj: Any, mask: int) -> None:
+        run = self._run_of_fd(int(fileobj))
+        if run is None:
+            return
+        try:
+            run.pending = run.pending[os.write(run.stdin_fd, run.pending[:65536]) :]
+        except BlockingIOError:
+            return
+        except OSError:
+            run.pending = memoryview(b"")
+        if not run.pending:
+            self._close_stdin(run)
+
+    def _close_stdin(self, run: _Run) -> None:
+        if run.stdin_fd < 0:
+            return
+        try:
+            self.selector.unregister(run.stdin_fd)
+        except (KeyError, ValueError):
+            pass
+        assert run.proc.stdin is not None
+        try:
+            run.proc.stdin.close()
+        except OSError:
+            pass
+        run.stdin_fd = -1
+
+    def _close_fd(self, run: _Run, fd: int) -> None:
+        try:
+            self.selector.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+        run.fds.pop(fd, None)
+        for pipe in (run.proc.stdout, run.proc.stderr):
+            if pipe is not None and not pipe.closed and pipe.fileno() == fd:
+                pipe.close()
+
+    def _on_wake(self, fileobj: Any, mask: int) -> None:
+        try:
+            while os.read(self._wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            run = self.runs.get(pid)
+            if run is None:
+                continue  # an orphan we adopted as the subreaper
+            run.status = status
+            run.proc.returncode = run.exit_code()  # reaped here: Popen must not wait again
+            if run.kill_on_exit:
+                run.kill_tree()
+            limit = time.monotonic() + EXEC_DRAIN
+            run.stop_reading_at = min(run.stop_reading_at or limit, limit)
+            self._maybe_finish(run)
+
+    def _maybe_finish(self, run: _Run) -> None:
+        if run.status is None:
+            return
+        if run.fds and (run.stop_reading_at is None or time.monotonic() < run.stop_reading_at):
+            return
+        for fd in list(run.fds):
+            while True:  # what is already in the pipe
+                try:
+                    data = os.read(fd, 65536)
+                except OSError:
+                    break
+                if not data:
+                    break
+                run.add(run.fds[fd], data)
+            self._close_fd(run, fd)
+        self._close_stdin(run)
+        self.runs.pop(run.pid, None)
+        self.by_id.pop(str(run.id), None)
+        if not _session_members(run.pid):  # else the guardian keeps watching what is left
+            self._guard(f"-{run.pid}")
+        self._send(
+            {
+                "type": "result",
+                "id": run.id,
+                "exit_code": run.exit_code(),
+                "stdout": self._b64.b64encode(bytes(run.output["stdout"])).decode(),
+                "stderr": self._b64.b64encode(bytes(run.output["stderr"])).decode(),
+                "truncated": run.truncated,
+                "timed_out": run.timed_out,
+                "duration_ms": round((time.monotonic() - run.started) * 1000, 3),
+            }
+        )
+
+    # ------------------------------------------------------------------ timers
+
+    def _next_timeout(self) -> float | None:
+        moments = [self.last_input + self.heartbeat]
+        for run in self.runs.values():
+            if run.deadline is not None and not run.timed_out and run.status is None:
+                moments.append(run.deadline)
+            if run.stop_reading_at is not None:
+                moments.append(run.stop_reading_at)
+        return max(0.0, min(moments) - time.monotonic())
+
+    def _on_timers(self) -> None:
+        now = time.monotonic()
+        if now - self.last_input >= self.heartbeat:
+            _log(f"nothing from the daemon for {self.heartbeat:g}s: ending")
+            self.running = False
+        for run in list(self.runs.values()):
+            if (
+                run.deadline is not None
+                and not run.timed_out
+                and run.status is None
+                and now >= run.deadline
+            ):
+                run.timed_out = True
+                run.kill_tree()
+                run.stop_reading_at = now + EXEC_KILL_GRACE
+            if run.stop_reading_at is not None and now >= run.stop_reading_at:
+                if run.status is None:  # unkillable (D state): give up on it
+                    run.status = int(signal.SIGKILL)
+                self._maybe_finish(run)
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -1612,12 +2129,14 @@ def _parse(argv: list[str]) -> dict[str, Any]:
     serve.add_argument("--kill-grace", type=float, default=DEFAULT_KILL_GRACE)
     serve.add_argument("--shell", default="bash")
     serve.add_argument("--daemon", action="store_true")
+    serve_exec = sub.add_parser("serve-exec")
+    serve_exec.add_argument("--heartbeat", type=float, default=EXEC_HEARTBEAT)
     worker = sub.add_parser("python-worker")
     worker.add_argument("request_fd", type=int)
     worker.add_argument("result_fd", type=int)
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.error("a command is required: serve or python-worker")
+        parser.error("a command is required: serve, serve-exec or python-worker")
     return vars(args)
 
 
@@ -1673,6 +2192,8 @@ def main(argv: list[str]) -> int:
     args = _parse(argv)
     if args["command"] == "python-worker":
         return python_worker(args["request_fd"], args["result_fd"])
+    if args["command"] == "serve-exec":
+        return ExecServer(heartbeat=max(0.1, args["heartbeat"])).serve()
     directory = os.path.abspath(args["dir"] or os.path.dirname(_agent_file()))
     if args["daemon"]:
         status = _daemonize(os.path.join(directory, LOG_NAME))

@@ -19,6 +19,11 @@ Two ways to start an agent; both survive the daemon (even SIGKILL):
 
 Any image whose ``python3`` is 3.8 or newer works; a bash kernel also needs ``bash``.
 
+Exec agents (``agent.py serve-exec``, see ``berthd.kernel.exec_agent``) are started
+differently: ``exec_agent_command`` as a runtime exec with stdin held open, and
+``exec_agent_payload`` (the agent's source) written to that stdin; nothing is installed
+in the sandbox and no shared directory is needed.
+
 The sandbox can write its shared directory, so the daemon (often root) must not be led
 out of it: ``install_agent`` creates and opens every component with ``O_NOFOLLOW``
 relative to the directory's descriptor, and the client refuses a socket path whose last
@@ -49,6 +54,8 @@ __all__ = [
     "AgentPaths",
     "agent_command",
     "agent_source",
+    "exec_agent_command",
+    "exec_agent_payload",
     "install_agent",
     "kernel_spec",
     "locate_agent",
@@ -123,6 +130,39 @@ def agent_command(
     if daemon:
         argv.append("--daemon")
     return tuple(argv)
+
+
+# Reads the agent's source from stdin (10 decimal digits of length, then the bytes) and
+# runs it; the same stdin then carries the requests. os.read, not sys.stdin: a buffered
+# reader would swallow the first request with the source.
+_EXEC_BOOTSTRAP = """\
+import os,sys
+def r(n):
+    b=b''
+    while len(b)<n:
+        c=os.read(0,n-len(b))
+        if not c:
+            sys.exit(3)
+        b+=c
+    return b
+g={'__name__':'berthd_exec_agent'}
+exec(compile(r(int(r(10))),'berthd-exec-agent','exec'),g)
+sys.exit(g['main'](['serve-exec']+sys.argv[1:]))
+"""
+
+
+def exec_agent_command(python: str = "python3", *, heartbeat: float | None = None) -> tuple[str, ...]:
+    """The argv of an exec agent (``agent.py serve-exec``): nothing is written into the
+    sandbox; its first stdin bytes must be ``exec_agent_payload()``. ``heartbeat``:
+    seconds of silence from the daemon after which the agent ends (default 60)."""
+    extra = ("--heartbeat", repr(float(heartbeat))) if heartbeat is not None else ()
+    return (python, "-I", "-c", _EXEC_BOOTSTRAP, *extra)
+
+
+def exec_agent_payload() -> bytes:
+    """What to write first on an exec agent's stdin: the agent's source, sized."""
+    source = agent_source()
+    return b"%010d" % len(source) + source
 
 
 def kernel_spec(

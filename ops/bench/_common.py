@@ -21,12 +21,15 @@ from typing import Any
 
 __all__ = [
     "Measured",
+    "bench_record",
     "combine",
     "environment",
     "format_table",
+    "latency_result",
     "percentile",
     "run_writers",
     "thread_cpu_seconds",
+    "value_result",
     "write_json",
 ]
 
@@ -224,3 +227,52 @@ def environment() -> dict[str, Any]:
 
 def write_json(path: str | os.PathLike[str], payload: dict[str, Any]) -> None:
     Path(path).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+# ---------------------------------------------------------------------- the shared JSON record
+#
+# Every ``ops/bench/<name>.py`` takes ``--quick`` and ``--json PATH``; ``ops/bench/run``
+# calls ``python ops/bench/<name>.py --quick --json out.json`` and reads back
+# ``{"name", "results": [latency_result(...) | value_result(...)], "ratios": {name: x}}``
+# (plus whatever else a benchmark wants to record, under other keys).
+
+
+def latency_result(
+    label: str, latencies: Sequence[float], unit: str = "ms", *, samples: bool = False
+) -> dict[str, Any]:
+    """``{"label", "unit", "p50", "p95", "p99", "mean", "n"}`` of latencies in seconds,
+    expressed in ``unit`` ("ms" or "us"); ``samples`` adds every latency in milliseconds
+    as ``samples_ms`` (what ``ops/bench/run`` plots)."""
+    scale = {"s": 1.0, "ms": 1e3, "us": 1e6}[unit]
+    ordered = sorted(latencies)
+    mean = sum(ordered) / len(ordered) if ordered else 0.0
+    out: dict[str, Any] = {
+        "label": label,
+        "unit": unit,
+        "p50": round(percentile(ordered, 50) * scale, 3),
+        "p95": round(percentile(ordered, 95) * scale, 3),
+        "p99": round(percentile(ordered, 99) * scale, 3),
+        "mean": round(mean * scale, 3),
+        "n": len(ordered),
+    }
+    if samples:
+        out["samples_ms"] = [round(x * 1e3, 3) for x in ordered]
+    return out
+
+
+def value_result(label: str, value: float, unit: str) -> dict[str, Any]:
+    """``{"label", "unit", "value"}``: one figure (a rate, a size)."""
+    return {"label": label, "unit": unit, "value": value}
+
+
+def bench_record(
+    name: str, results: Sequence[dict[str, Any]], ratios: dict[str, float], **extra: Any
+) -> dict[str, Any]:
+    """The JSON record ``--json`` writes (see above); ``extra`` keys go alongside."""
+    return {
+        "name": name,
+        "results": list(results),
+        "ratios": {k: round(v, 3) for k, v in ratios.items()},
+        "environment": environment(),
+        **extra,
+    }

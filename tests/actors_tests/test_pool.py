@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -9,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from berthd.actors import CommandContext, Supervisor, system_clock
+from berthd.actors import pool as pool_module
 from berthd.actors.pool import POOL_LABEL, PoolKey, WarmPool
 from berthd.domain import EVENT_TYPES
 from berthd.domain import container as c
@@ -214,3 +216,50 @@ def test_size_zero_means_every_fast_run_is_a_miss(world: World) -> None:
         assert lease.source == "miss"
     time.sleep(0.3)
     assert pool.stats()["available"] == 0 and pool.stats()["misses"] == 2
+
+
+class _SlowAgents:
+    """Stands in for the runtime's exec agents (``berthd.kernel.exec_agent``): records which
+    sandboxes the pool warms, and lets each warm-up finish only when told."""
+
+    def __init__(self) -> None:
+        self.warmed: list[str] = []
+        self.go = threading.Event()
+
+    def warm(self, berth_id: str, *, wait: bool = True) -> bool:
+        self.warmed.append(berth_id)
+        self.go.wait(10)
+        return True
+
+    def stats(self) -> dict[str, int]:
+        return {}
+
+
+def test_a_sandbox_is_offered_only_once_its_exec_agent_was_started(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    agents = _SlowAgents()
+    monkeypatch.setattr(pool_module, "exec_agents", lambda runtime: agents)
+    pool = world.pool(size=1, warm=[KEY])
+    eventually(lambda: len(agents.warmed) == 1)
+    assert world.status(agents.warmed[0]) == "running"
+    assert pool.stats()["available"] == 0 and pool.stats()["keys"][0]["creating"] == 1
+    agents.go.set()
+    eventually(lambda: pool.stats()["available"] == 1)
+    lease, out = pool.run(KEY, echo("hi"), CTX)
+    assert lease.source == "hit" and lease.container_id == agents.warmed[0]
+
+
+def test_stop_removes_a_sandbox_whose_agent_is_still_starting(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    agents = _SlowAgents()
+    monkeypatch.setattr(pool_module, "exec_agents", lambda runtime: agents)
+    pool = world.pool(size=1, warm=[KEY])
+    eventually(lambda: len(agents.warmed) == 1)
+    stopping = threading.Thread(target=pool.stop)
+    stopping.start()
+    agents.go.set()
+    stopping.join(30)
+    eventually(lambda: world.live_pool_sandboxes() == [])
+    assert pool.stats()["available"] == 0

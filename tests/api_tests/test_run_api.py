@@ -3,6 +3,7 @@ Docker: the sandbox comes from the warm pool, the command runs, the sandbox is r
 
 from __future__ import annotations
 
+import os
 import pathlib
 import time
 from collections.abc import Callable, Iterator
@@ -14,7 +15,9 @@ import requests
 from berthd.actors.pool import POOL_LABEL
 from berthd.daemon.config import Config
 from berthd.daemon.lifecycle import Daemon
-from tests.conftest import BUSYBOX_IMAGE
+from tests.conftest import BUSYBOX_IMAGE, missing
+
+PYTHON_IMAGE = os.environ.get("BERTHD_TEST_PYTHON_IMAGE", "berthd-test/python:3.11")
 
 
 class Client:
@@ -51,14 +54,21 @@ def eventually(check: Callable[[], bool], timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-@pytest.fixture(scope="module", params=["local", "docker"])
+@pytest.fixture(scope="module", params=["local", "docker", "docker-python"])
 def client(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
-    """One daemon at a time (module scope, parametrized): local first, then Docker."""
-    runtime = str(request.param)
+    """One daemon at a time (module scope, parametrized): local first, then Docker with
+    busybox (no python3: runs are runtime execs), then Docker with python3 (runs go through
+    the sandboxes' exec agents, as on the local runtime)."""
+    runtime = "docker" if str(request.param).startswith("docker") else "local"
     if runtime == "docker":
-        request.getfixturevalue("docker_client")
-    data = pathlib.Path(tmp_path_factory.mktemp(f"run-{runtime}")) / "data"
-    image = "host" if runtime == "local" else BUSYBOX_IMAGE
+        docker_client = request.getfixturevalue("docker_client")
+    image = {"local": "host", "docker": BUSYBOX_IMAGE, "docker-python": PYTHON_IMAGE}[request.param]
+    if image == PYTHON_IMAGE:
+        try:
+            docker_client.images.get(PYTHON_IMAGE)
+        except Exception as exc:
+            missing("Docker test image", f"{PYTHON_IMAGE} not found ({exc}); run ops/test-images.sh")
+    data = pathlib.Path(tmp_path_factory.mktemp(f"run-{request.param}")) / "data"
     daemon = Daemon(Config(data_dir=str(data), runtime=runtime, socket=False, pool_image=image,  # type: ignore[arg-type]
                            listen="127.0.0.1:0", ws_listen="127.0.0.1:0"))
     daemon.start()
@@ -96,6 +106,26 @@ def test_echo_hi_from_a_warm_sandbox(client: Client) -> None:
     after = client.pool_stats()
     assert after["hits"] == before["hits"] + 1 and after["misses"] == before["misses"]
     eventually(lambda: client.status(body["container_id"]) == "removed")
+
+
+def test_a_hit_runs_through_the_sandboxes_exec_agent_where_the_image_has_python3(client: Client) -> None:
+    runtime = "docker" if client.image != "host" else "local"
+    eventually(lambda: client.pool_stats()["available"] >= 1)
+    before = client.pool_stats()["exec_agents"][runtime]  # execs through agents / runtime execs
+    r = client.run(command=["sh", "-c", "echo $0; exit 3", "agent"])
+    assert r.status_code == 200, r.text
+    assert r.json()["pool"] == "hit" and r.json()["exit_code"] == 3 and r.json()["stdout"] == "agent\n"
+    after = client.pool_stats()["exec_agents"][runtime]
+    through_agent = client.image != BUSYBOX_IMAGE
+    assert after["agent_execs"] == before["agent_execs"] + (1 if through_agent else 0)
+    assert after["runtime_execs"] == before["runtime_execs"] + (0 if through_agent else 1)
+    # the run is on the log as any exec: the caller's principal on intent and outcome
+    events = client.get(f"/v1/events?after=0&entity={r.json()['container_id']}").json()["items"]
+    execs = [e for e in events if e["type"] in ("ExecStarted", "ExecFinished")]
+    assert [e["type"] for e in execs] == ["ExecStarted", "ExecFinished"]
+    assert execs[1]["data"]["exit_code"] == 3
+    assert execs[0]["principal"] == execs[1]["principal"] != "system"
+    eventually(lambda: client.status(r.json()["container_id"]) == "removed")
 
 
 def test_stdin_exit_code_and_stderr(client: Client) -> None:

@@ -19,6 +19,7 @@ from berthd.domain.errors import ValidationError
 from berthd.domain.image import ImageRef
 from berthd.http.deps import Deps
 from berthd.http.resources._common import context_of
+from berthd.http.resources.containers import check_profile
 from berthd.http.wire import decode_body, send_json
 
 __all__ = ["RunRequest", "RunResource", "RunView"]
@@ -76,6 +77,7 @@ class RunResource:
         runtime = body.runtime or self.deps.default_runtime
         if runtime not in self.deps.runtimes:
             raise ValidationError(f"runtime '{runtime}' is not available on this node", field="runtime")
+        check_profile(self.deps, runtime, body.profile)
         fallback = "host" if runtime == "local" else "busybox:latest"
         image = body.image or (self.pool.default_image if runtime == self.deps.default_runtime else fallback)
         return self.pool.key(image, body.profile, runtime)
