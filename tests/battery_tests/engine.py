@@ -30,8 +30,9 @@ class PrivateEngine:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60.0) -> PrivateEngine:
-        if os.geteuid() != 0 or shutil.which("dockerd") is None:
-            missing("a second Docker engine", "the fault tests start their own dockerd (root + docker.io)")
+        if os.geteuid() != 0 or shutil.which("dockerd") is None or shutil.which("ip") is None:
+            missing("a second Docker engine",
+                    "the fault tests start their own dockerd (root, docker.io, iproute2)")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.root.mkdir(parents=True, exist_ok=True)
         if not pathlib.Path(f"/sys/class/net/{self.bridge}").exists():
