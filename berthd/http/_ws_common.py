@@ -19,12 +19,12 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
-from websockets.frames import CloseCode
+from websockets.frames import CloseCode, Frame, Opcode
 
 from berthd.actors.container import map_runtime_error
 from berthd.domain.container import ContainerState
@@ -34,6 +34,9 @@ from berthd.events.store import StoreError as _StoreError
 from berthd.http.auth import Principal
 from berthd.http.deps import Deps
 from berthd.runtime import base as rt
+
+if TYPE_CHECKING:
+    from berthd.http._ws_events import Fanout
 
 __all__ = [
     "BerthConnection",
@@ -86,21 +89,24 @@ class BerthConnection(ServerConnection):
 
 
 class FrameCache:
-    """Encoded event frames by position, shared by every subscriber of one server.
+    """Whole WebSocket frames of events by position, shared by every subscriber of one server.
 
-    Many subscribers of the live log receive the same events: each is encoded once. The
-    most recent frames are kept, up to ``max_bytes``. Touched only on the event loop
-    thread, so it needs no lock."""
+    A server's frames are not masked and the events endpoint negotiates no extension, so
+    the bytes of one event's frame (header and JSON payload) are the same for every
+    subscriber: each is encoded and serialised once, and written as is to every
+    transport. The most recent frames are kept, up to ``max_bytes``. Touched only on the
+    event loop thread, so it needs no lock."""
 
     def __init__(self, max_bytes: int = 8 << 20) -> None:
         self._max_bytes = max_bytes
         self._bytes = 0
         self._frames: OrderedDict[int, bytes] = OrderedDict()
 
-    def get(self, rec: Recorded) -> bytes:
+    def frame(self, rec: Recorded) -> bytes:
+        """The text frame carrying ``rec`` as served, ready for ``transport.write``."""
         frame = self._frames.get(rec.position)
         if frame is None:
-            frame = encode(rec.as_served())
+            frame = Frame(Opcode.TEXT, encode(rec.as_served())).serialize(mask=False, extensions=[])
             self._frames[rec.position] = frame
             self._bytes += len(frame)
             while self._bytes > self._max_bytes and self._frames:
@@ -116,6 +122,7 @@ class Shared:
     loop: asyncio.AbstractEventLoop
     io: concurrent.futures.ThreadPoolExecutor
     frames: FrameCache
+    fanout: Fanout | None = None  # the events endpoint's, made by its first subscriber
 
     async def blocking(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking call (store, runtime, actor ask) off the event loop."""

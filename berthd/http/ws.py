@@ -9,7 +9,9 @@ Endpoints (API.md, "Streaming"; frame formats in each helper module's docstring)
 
 - ``/v1/events?after=N&type=&kind=&entity=`` (``berthd.http._ws_events``): catch-up from
   ``after``, then live; ``after`` omitted = live only, from the head at connection time;
-  ``type``, ``kind``, ``entity`` take comma-separated (or repeated) values.
+  ``type``, ``kind``, ``entity`` take comma-separated (or repeated) values. It negotiates
+  no permessage-deflate (the other endpoints do): each event's frame is written, as the
+  same bytes, to every subscriber.
 - ``/v1/containers/{id_or_name}/exec`` (``berthd.http._ws_exec``).
 - ``/v1/kernels/{id_or_name}/execute`` (``berthd.http._ws_kernel``).
 - ``/v1/sessions/{id_or_name}/execute`` (``berthd.http._ws_session``).
