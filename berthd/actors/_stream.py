@@ -5,6 +5,7 @@ by replay on activation. Store errors become the API's errors here."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from berthd.domain.base import Event
@@ -12,7 +13,7 @@ from berthd.domain.errors import Conflict, NotFound, StoreUnavailable
 from berthd.events.store import ConcurrencyConflict, EventStore
 from berthd.events.store import StoreUnavailable as StoreDown
 
-__all__ = ["append_evolved", "cap_text", "load_state"]
+__all__ = ["append_evolved", "append_evolved_async", "cap_text", "load_state", "when_durable"]
 
 S = TypeVar("S")
 
@@ -31,6 +32,54 @@ def append_evolved(store: EventStore, stream_id: str, kind: str, state: S | None
     for event in events:
         state = evolve(state, event)
     return state, recs[-1].position
+
+
+def append_evolved_async(store: EventStore, stream_id: str, kind: str, state: S | None, events: list[Event],
+                         meta: Any, evolve: Callable[[S | None, Event], S | None]) -> tuple[S | None, Future[int]]:
+    """Submit ``events`` at the state's version without waiting for the commit: the new
+    state at once, and a future of the last event's position once it is durable (or the
+    API's error: 409 on a conflict, 503 if the log cannot be written). The writer's next
+    append may follow at once: the store commits a stream's appends in order, and one
+    that follows an append that failed fails too. On a failure the writer's state is
+    ahead of the log and must be rebuilt from the log (``EntityActor.resync``)."""
+    expected = getattr(state, "version", 0) if state is not None else 0
+    submitted = store.append_async(stream_id, expected, events, meta)
+    out: Future[int] = Future()
+
+    def done(f: Future[Any]) -> None:
+        exc = f.exception()
+        if exc is None:
+            out.set_result(f.result()[-1].position)
+        elif isinstance(exc, ConcurrencyConflict):
+            error = Conflict(f"{kind} {stream_id} changed concurrently; retry")
+            error.__cause__ = exc
+            out.set_exception(error)
+        elif isinstance(exc, StoreDown):
+            down = StoreUnavailable(f"the event log cannot be written: {exc}")
+            down.__cause__ = exc
+            out.set_exception(down)
+        else:
+            out.set_exception(exc)
+
+    submitted.add_done_callback(done)
+    for event in events:
+        state = evolve(state, event)
+    return state, out
+
+
+def when_durable(first: Future[int] | None, second: Future[int],
+                 then: Callable[[int, BaseException | None], None]) -> None:
+    """``then(position of second, error)`` once both appends are decided: the error of
+    the first that failed, else None. Called on the thread that completes the last one
+    (the store's writer): ``then`` must be quick."""
+    def on_second(f: Future[int]) -> None:
+        if first is not None and not first.done():
+            first.add_done_callback(lambda _f: on_second(f))
+            return
+        error = (first.exception() if first is not None else None) or f.exception()
+        then(0 if error is not None else f.result(), error)
+
+    second.add_done_callback(on_second)
 
 
 def load_state(store: EventStore, stream_id: str, kind: str, replay: Callable[[Iterable[Event]], S | None],

@@ -5,6 +5,14 @@ runtime is touched; the runtime call runs on a worker thread, off the mailbox, a
 outcome comes back to the actor as a message, which appends the outcome event and
 completes the caller's future. So a long exec never blocks ``stop`` or ``kill``: the
 mailbox is only ever busy for the time of an append.
+
+An exec is pipelined: its command starts while ``ExecStarted`` is being committed, the
+mailbox does not wait for ``ExecFinished``'s commit either, and the caller is answered
+(from the store's writer thread) once both are durable. If ``ExecStarted`` cannot be
+committed, ``ExecFinished`` is not appended and the caller gets the error, although the
+command may have run: that window only holds execs nobody was told about. The actor's
+state is then ahead of its log, so it stops; the next command activates it again from
+the log.
 """
 
 from __future__ import annotations
@@ -12,13 +20,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any
 
 import pykka
 
-from berthd.actors._stream import append_evolved
+from berthd.actors._stream import append_evolved, append_evolved_async, when_durable
 from berthd.actors.context import SYSTEM, Clock, CommandContext, Reply, new_id, rfc3339
 from berthd.domain import container as c
 from berthd.domain.base import Command, Event
@@ -29,12 +37,17 @@ from berthd.domain.errors import (
     RuntimeFailed,
     RuntimeUnavailable,
     StoreUnavailable,
+    for_code,
 )
 from berthd.events.store import EventStore
 from berthd.events.store import StoreUnavailable as StoreDown
+from berthd.kernel.exec_agent import exec_agents
 from berthd.runtime import base as rt
 
-__all__ = ["ContainerActor", "ExecOutcome", "Retired", "map_runtime_error"]
+__all__ = ["POOL_LABEL", "ContainerActor", "ExecOutcome", "Retired", "map_runtime_error"]
+
+POOL_LABEL = "berth.pool"
+"""Label on every sandbox the warm pool made (``berthd.actors.pool``)."""
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +62,8 @@ def map_runtime_error(exc: BaseException) -> BerthdError:
         return ImageNotFound(f"{exc}; pull the image first (POST /v1/images/pull)")
     if isinstance(exc, rt.SandboxNotFound):
         return Conflict(f"the container is gone from the runtime: {exc}")
+    if isinstance(exc, rt.RuntimeError_) and (client := for_code(exc.code, str(exc), **exc.details)):
+        return client  # a refusal that is the client's fault (a missing file, a forbidden path)
     if isinstance(exc, rt.RuntimeError_):
         return RuntimeFailed(str(exc))
     return RuntimeFailed(f"{type(exc).__name__}: {exc}")
@@ -75,6 +90,14 @@ class _Done:
     ctx: CommandContext
     result_of: Callable[[Any], Any] | None = None
     missing_ok: bool = False  # SandboxNotFound is this operation's own outcome (stop, kill, remove)
+    intent: Future[int] | None = None  # the intent's commit, not waited for (exec)
+
+
+@dataclass(slots=True)
+class _CommitFailed:
+    """An append the actor did not wait for failed: its state is ahead of the log."""
+
+    error: BaseException
 
 
 @dataclass(slots=True)
@@ -112,6 +135,7 @@ class ContainerActor(pykka.ThreadingActor):
         self.last_position = position
         self.last_used = time.monotonic()
         self.retired = False  # passivated: every later message must go to a new activation
+        self._commits: list[Future[int]] = []  # appends not waited for, not yet decided
 
     # ------------------------------------------------------------------ asked by others
 
@@ -120,7 +144,9 @@ class ContainerActor(pykka.ThreadingActor):
 
     def is_idle(self) -> bool:
         s = self.state
-        return self.in_flight == 0 and (s is None or (s.pending is None and s.execs_running == 0))
+        self._commits = [f for f in self._commits if not f.done()]
+        return self.in_flight == 0 and not self._commits and (
+            s is None or (s.pending is None and s.execs_running == 0))
 
     def passivate(self, idle_for: float) -> bool:
         """Stop if idle for ``idle_for`` seconds. Decided here, on the mailbox, so no
@@ -181,7 +207,18 @@ class ContainerActor(pykka.ThreadingActor):
     def on_receive(self, message: Any) -> Any:
         try:
             if isinstance(message, _Done):
-                self._finish(message)
+                if self.retired:  # its state is ahead of the log: it must not append
+                    self.in_flight -= 1
+                    _settle(message.future, None, Conflict("the container's actor restarted; retry"))
+                elif message.intent is not None:
+                    self._finish_pipelined(message)
+                else:
+                    self._finish(message)
+            elif isinstance(message, _CommitFailed):
+                log.warning("container %s: an append failed (%s); reloading from the log",
+                            self.stream_id, message.error)
+                self.retired = True
+                self.stop()
             elif isinstance(message, _Observed):
                 self._record_observed(message)
         except BaseException:  # a tell must never kill the actor
@@ -205,6 +242,29 @@ class ContainerActor(pykka.ThreadingActor):
             ctx.meta(self.clock, self.node_id), c.evolve)
         return self.last_position
 
+    def _append_async(self, events: list[Event], ctx: CommandContext) -> Future[int]:
+        """Evolve at once, commit without waiting; on a failure the actor stops (its
+        state is ahead of the log) and the next command activates it again."""
+        self.state, committed = append_evolved_async(
+            self.store, self.stream_id, "container", self.state, events,
+            ctx.meta(self.clock, self.node_id), c.evolve)
+        self._commits = [f for f in self._commits if not f.done()]
+        self._commits.append(committed)
+        ref = self.actor_ref
+
+        def done(f: Future[int]) -> None:
+            error = f.exception()
+            if error is None:
+                self.last_position = max(self.last_position, f.result())
+                return
+            try:
+                ref.tell(_CommitFailed(error))
+            except pykka.ActorDeadError:
+                pass
+
+        committed.add_done_callback(done)
+        return committed
+
     def _run(
         self,
         call: Callable[[], Any],
@@ -213,6 +273,7 @@ class ContainerActor(pykka.ThreadingActor):
         ctx: CommandContext,
         result_of: Callable[[Any], Any] | None = None,
         missing_ok: bool = False,
+        intent: Future[int] | None = None,
     ) -> None:
         """Run ``call`` on a worker; its outcome comes back as a message."""
         self.in_flight += 1
@@ -224,7 +285,7 @@ class ContainerActor(pykka.ThreadingActor):
             except BaseException as exc:
                 value, error = None, exc
             try:
-                ref.tell(_Done(value, error, then, future, ctx, result_of, missing_ok))
+                ref.tell(_Done(value, error, then, future, ctx, result_of, missing_ok, intent))
             except pykka.ActorDeadError:
                 if future is not None and not future.done():
                     future.set_exception(Conflict("the container's actor stopped; retry"))
@@ -259,6 +320,41 @@ class ContainerActor(pykka.ThreadingActor):
         if self._chain_start(done, position):
             return
         done.future.set_result(Reply(position, self.state, result))
+
+    def _finish_pipelined(self, done: _Done) -> None:
+        """An exec's outcome: appended without waiting; the caller is answered once it
+        and its intent are durable (see the module docstring)."""
+        self.in_flight -= 1
+        intent = done.intent
+        assert intent is not None
+        if intent.done() and intent.exception() is not None:  # not on the log: no outcome either
+            _settle(done.future, None, intent.exception())
+            return
+        vanished = isinstance(done.error, rt.SandboxNotFound)
+        try:
+            events = done.then(done.value, done.error)
+            if vanished and self.state is not None and self.state.status not in c.FINAL:
+                events = [*events, c.ContainerLost(reason=f"vanished from the runtime: {done.error}")]
+            committed = self._append_async(events, done.ctx)
+            result = done.result_of(done.value) if done.result_of and done.error is None else None
+        except BaseException as exc:
+            _settle(done.future, None, _as_error(exc))
+            return
+        state, error = self.state, done.error
+
+        def answer(position: int, err: BaseException | None) -> None:
+            if err is not None:
+                _settle(done.future, None, err)
+            elif vanished:
+                _settle(done.future, None, Conflict(
+                    f"container {self.stream_id} vanished from the runtime; it is now 'lost'",
+                    id=self.stream_id, status="lost"))
+            elif error is not None:
+                _settle(done.future, None, map_runtime_error(error))
+            else:
+                _settle(done.future, Reply(position, state, result), None)
+
+        when_durable(intent, committed, answer)
 
     def _reached(self, done: _Done) -> bool:
         """A stop that failed because the process had already ended did what was asked."""
@@ -310,11 +406,17 @@ class ContainerActor(pykka.ThreadingActor):
             self._append(events, ctx)
             runtime = self._runtime()
             force = command.force
-            self._run(lambda: runtime.remove(self.stream_id, force=force), self._after_remove(was),
-                      future, ctx, missing_ok=True)
+            stream_id = self.stream_id
+
+            def remove() -> None:
+                exec_agents(runtime).forget(stream_id)
+                runtime.remove(stream_id, force=force)
+
+            self._run(remove, self._after_remove(was), future, ctx, missing_ok=True)
         elif isinstance(command, c.ExecInContainer):
-            self._append(events, ctx)
             runtime = self._runtime()
+            intent = self._append_async(events, ctx)  # pipelined: see the module docstring
+            intent.add_done_callback(lambda f: _settle(future, None, f.exception()) if f.exception() else None)
             exec_id = events[0].exec_id  # type: ignore[attr-defined]
             exec_spec = rt.ExecSpec(
                 command=tuple(command.command), env=dict(command.env), workdir=command.workdir,
@@ -324,16 +426,22 @@ class ContainerActor(pykka.ThreadingActor):
             attach = extra.get("attach")
             tty = bool(extra.get("tty", False))
             stream_id = self.stream_id
+            agents = exec_agents(runtime)
+            # Start an agent for the next execs (berthd.kernel.exec_agent), but not in a pool
+            # sandbox (removed after its one run; the pool warms one before handing it out)
+            # nor under a pids limit (the agent and its guardian would count against it).
+            s = self.state
+            warm = s is not None and POOL_LABEL not in s.labels and not s.limits.pids
 
             def run_exec() -> rt.ExecResult:
                 if attach is None:
-                    return runtime.exec(stream_id, exec_spec)
+                    return agents.exec(stream_id, exec_spec, warm=warm)
                 # interactive: the caller pumps the stream and returns the result
                 result: rt.ExecResult = attach(exec_id, runtime.exec_stream(stream_id, exec_spec, tty=tty))
                 return result
 
             self._run(run_exec, self._after_exec(exec_id), future, ctx,
-                      result_of=lambda r: ExecOutcome(exec_id, r))
+                      result_of=lambda r: ExecOutcome(exec_id, r), intent=intent)
         elif isinstance(command, c.WriteFile):
             runtime = self._runtime()
             data: bytes = extra["data"]
@@ -499,6 +607,19 @@ class ContainerActor(pykka.ThreadingActor):
 # ---------------------------------------------------------------------- helpers
 
 
+def _settle(future: Future[Reply] | None, reply: Reply | None, error: BaseException | None) -> None:
+    """Complete the caller's future once (it may have been failed already)."""
+    if future is None or future.done():
+        return
+    try:
+        if error is not None:
+            future.set_exception(_as_error(error))
+        else:
+            future.set_result(reply)  # type: ignore[arg-type]
+    except InvalidStateError:  # completed meanwhile on another thread
+        pass
+
+
 def _as_error(exc: BaseException) -> BaseException:
     if isinstance(exc, BerthdError):
         return exc
@@ -543,4 +664,5 @@ def _spec(state: c.ContainerState | None, node_id: str, network: bool,
         ports=tuple(rt.PortMapping(p.container_port, p.host_port) for p in state.ports),
         limits=rt.Limits(state.limits.memory_mb, state.limits.cpus, state.limits.pids),
         network=network, labels=dict(state.labels), berth_dir=berth_dir,
+        profile=state.profile,
     )

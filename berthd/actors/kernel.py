@@ -7,6 +7,13 @@ container supervisor, talking to the in-sandbox agent) runs on a worker thread, 
 mailbox, and its outcome comes back as a message that appends the outcome event and
 completes the caller's future. So a long execution never blocks ``interrupt``.
 
+Appends are pipelined where it pays: an execution's ``ExecutionStarted`` is committed
+while its code runs, and outcome events are appended without the mailbox waiting for
+their commit; the caller is answered, from the store's writer thread, once the outcome
+(and the intent before it) is durable, so every acknowledged execution has both on the
+log. An append that fails leaves the actor's state ahead of its log: the actor stops, and
+the next command activates it again from the log (``EntityActor.resync``).
+
 The kernel's sandbox is a container entity of its own (its events are on the log too),
 created through ``Supervisor.create_container`` with a shared directory; the agent runs as
 its main command. With ``container`` given (Docker only) the agent is started by exec in

@@ -57,14 +57,18 @@ Outcome: TypeAlias = list[int] | StoreError
 
 
 class PendingAppend:
-    """One caller's append, queued for the writer thread."""
+    """One caller's append, queued for the writer thread. ``done``, if given, is called
+    with the outcome on the thread that decides it (usually the writer), instead of the
+    caller waiting for it (``GroupCommitter.submit_async``)."""
 
-    __slots__ = ("_done", "events", "expected_version", "outcome", "stream_id")
+    __slots__ = ("_done", "done", "events", "expected_version", "outcome", "stream_id")
 
-    def __init__(self, stream_id: str, expected_version: int, events: Sequence[StoredEvent]):
+    def __init__(self, stream_id: str, expected_version: int, events: Sequence[StoredEvent],
+                 done: Callable[[Outcome], None] | None = None):
         self.stream_id = stream_id
         self.expected_version = expected_version
         self.events = events
+        self.done = done
         self.outcome: Outcome | None = None
         self._done = threading.Lock()
         self._done.acquire()  # released once, by the writer, when ``outcome`` is set
@@ -75,6 +79,11 @@ class PendingAppend:
     def finish(self, outcome: Outcome) -> None:
         self.outcome = outcome
         self._done.release()
+        if self.done is not None:
+            try:
+                self.done(outcome)
+            except Exception:  # the writer thread must go on telling the others
+                log.exception("an append's completion callback failed (stream %s)", self.stream_id)
 
     def wait(self, alive: Callable[[], bool]) -> list[int]:
         """Block until the writer has decided; return the positions or raise."""
@@ -161,10 +170,27 @@ class GroupCommitter:
         """Append and wait for the commit: the positions of ``events``, or
         ``ConcurrencyConflict`` / ``StoreUnavailable``."""
         pending = PendingAppend(stream_id, expected_version, events)
+        self._enqueue(pending)
+        return pending.wait(self._alive)
+
+    def submit_async(
+        self,
+        stream_id: str,
+        expected_version: int,
+        events: Sequence[StoredEvent],
+        done: Callable[[Outcome], None],
+    ) -> None:
+        """Queue an append and return at once; ``done(outcome)`` is called once it is
+        decided, after its commit (on the writer thread: keep it short). Appends are
+        decided in the order they were queued. ``StoreUnavailable`` if the store is closed
+        (then ``done`` is never called)."""
+        self._enqueue(PendingAppend(stream_id, expected_version, events, done))
+
+    def _enqueue(self, pending: PendingAppend) -> None:
         with self._cond:
             if self._closing:
                 raise StoreUnavailable(
-                    f"cannot append to stream {stream_id}: the event store is closed"
+                    f"cannot append to stream {pending.stream_id}: the event store is closed"
                 )
             if self._thread is None:
                 thread = threading.Thread(
@@ -174,13 +200,12 @@ class GroupCommitter:
                     thread.start()
                 except RuntimeError as exc:  # "can't start new thread": out of resources
                     raise StoreUnavailable(
-                        f"cannot append to stream {stream_id}: cannot start the store's "
-                        f"writer thread ({exc})"
+                        f"cannot append to stream {pending.stream_id}: cannot start the "
+                        f"store's writer thread ({exc})"
                     ) from exc
                 self._thread = thread
             self._queue.append(pending)
             self._cond.notify()
-        return pending.wait(self._alive)
 
     def close(self) -> None:
         """Commit what is queued, stop the writer thread and release its connection.

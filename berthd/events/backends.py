@@ -61,6 +61,7 @@ import time
 import weakref
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -155,14 +156,54 @@ class RecorderEventStore(EventStore):
         events: Sequence[Any],
         meta: Any,
     ) -> list[Recorded]:
+        stored = self._encode(stream_id, expected_version, events, meta)
+        if not stored:
+            return []
+        ids = self._write(stream_id, expected_version, stored)
+        return _recorded(stream_id, ids, stored, events, meta)
+
+    def append_async(
+        self,
+        stream_id: str,
+        expected_version: int,
+        events: Sequence[Any],
+        meta: Any,
+    ) -> Future[list[Recorded]]:
+        if self._committer is None:  # appends in place: done on return
+            return super().append_async(stream_id, expected_version, events, meta)
+        stored = self._encode(stream_id, expected_version, events, meta)
+        future: Future[list[Recorded]] = Future()
+        if not stored:
+            future.set_result([])
+            return future
+        events = list(events)
+
+        def done(outcome: Outcome) -> None:
+            if isinstance(outcome, list):
+                future.set_result(_recorded(stream_id, outcome, stored, events, meta))
+            else:
+                future.set_exception(outcome)
+
+        try:
+            if self._closed:
+                raise StoreUnavailable(
+                    f"cannot append to stream {stream_id}: the event store is closed"
+                )
+            self._committer.submit_async(stream_id, expected_version, stored, done)
+        except StoreError as exc:
+            future.set_exception(exc)
+        return future
+
+    def _encode(
+        self, stream_id: str, expected_version: int, events: Sequence[Any], meta: Any
+    ) -> list[StoredEvent]:
+        """The events as stored, checked and encoded before anything touches the
+        database: an unregistered type or an unencodable value is a programming error
+        and must not leave half a batch."""
         if not stream_id:
             raise ValueError("stream_id must be a non-empty string")
         if expected_version < 0:
             raise ValueError(f"expected_version must be >= 0, not {expected_version}")
-        if not events:
-            return []
-        # Encode everything before touching the database: an unregistered type or an
-        # unencodable value is a programming error and must not leave half a batch.
         stored = []
         for offset, event in enumerate(events, start=1):
             topic, state = self._codec.encode(event, meta)
@@ -174,19 +215,7 @@ class RecorderEventStore(EventStore):
                     state=state,
                 )
             )
-        ids = self._write(stream_id, expected_version, stored)
-        return [
-            Recorded(
-                position=position,
-                stream_id=stream_id,
-                version=s.originator_version,
-                kind=getattr(type(event), "kind", ""),
-                type=s.topic,
-                meta=meta,
-                event=event,
-            )
-            for position, s, event in zip(ids, stored, events, strict=True)
-        ]
+        return stored
 
     def _write(
         self, stream_id: str, expected_version: int, stored: Sequence[StoredEvent]
@@ -332,6 +361,24 @@ class RecorderEventStore(EventStore):
             raise StoreUnavailable(f"cannot {action}: the event store is closed")
         with _translate_errors(action, self._driver_errors):
             yield
+
+
+def _recorded(
+    stream_id: str, ids: Sequence[int], stored: Sequence[StoredEvent], events: Sequence[Any],
+    meta: Any,
+) -> list[Recorded]:
+    return [
+        Recorded(
+            position=position,
+            stream_id=stream_id,
+            version=s.originator_version,
+            kind=getattr(type(event), "kind", ""),
+            type=s.topic,
+            meta=meta,
+            event=event,
+        )
+        for position, s, event in zip(ids, stored, events, strict=True)
+    ]
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ from __future__ import annotations
 import abc
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +92,31 @@ class EventStore(abc.ABC):
         must be at ``expected_version`` (0 for a new stream). All or nothing, durable on
         return. Raises ``ConcurrencyConflict`` if the stream moved, ``StoreUnavailable``
         if the database cannot be written."""
+
+    def append_async(
+        self,
+        stream_id: str,
+        expected_version: int,
+        events: Sequence[Any],
+        meta: Any,
+    ) -> Future[list[Recorded]]:
+        """``append`` without waiting for the commit: a future that completes once the
+        events are durable (or fails with ``ConcurrencyConflict`` / ``StoreUnavailable``).
+
+        So a writer can start the side effect an intent event announces while the intent
+        is being committed, and acknowledge only once it is. Appends to one stream are
+        committed in the order they were submitted: the next append's expected version
+        may count this one's events before it is durable; if this one fails, that one
+        then fails with ``ConcurrencyConflict`` and nothing of it is appended. Bad
+        arguments or unencodable events raise here, before anything is queued. Futures
+        complete on the store's writer thread: their callbacks must be quick and must
+        not append and wait. This default appends in place and returns a done future."""
+        future: Future[list[Recorded]] = Future()
+        try:
+            future.set_result(self.append(stream_id, expected_version, events, meta))
+        except StoreError as exc:
+            future.set_exception(exc)
+        return future
 
     @abc.abstractmethod
     def read_stream(self, stream_id: str, after_version: int = 0) -> list[Recorded]:

@@ -327,12 +327,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ops.bench.kernel", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="50 executions per side")
     parser.add_argument("-n", type=int, help="timed executions per side (default 1000; quick 50)")
-    parser.add_argument("--anchors", default="gateway,raw,kernelbox")
+    parser.add_argument("--anchors", default="gateway,raw,kernelbox",
+                        help="comma-separated anchors to run (default: all); '' for none")
+    parser.add_argument("--only-berthd", action="store_true",
+                        help="berthd alone, no anchors (nothing installed): for profiling berthd's own path")
     parser.add_argument("--json", type=Path, metavar="PATH")
     args = parser.parse_args(argv)
     n = args.n or (50 if args.quick else 1000)
     warmup = 10 if args.quick else 50
-    anchors = {a.strip() for a in args.anchors.split(",") if a.strip()}
+    anchors = set() if args.only_berthd else {a.strip() for a in args.anchors.split(",") if a.strip()}
     work = Path(tempfile.mkdtemp(prefix="berthd-bench-kernel-"))
     results: list[dict[str, Any]] = []
     notes: dict[str, str] = {}

@@ -3,6 +3,7 @@ agent really runs) and the in-memory log: intent then outcome, caps, death, reco
 
 from __future__ import annotations
 
+import pathlib
 import threading
 import time
 from collections.abc import Iterator
@@ -14,11 +15,18 @@ from berthd.actors import CommandContext, Supervisor, system_clock
 from berthd.actors.kernel import KernelSupervisor
 from berthd.domain import EVENT_TYPES
 from berthd.domain import kernel as k
-from berthd.domain.errors import Conflict, DeadKernel, KernelNotFound, Unprocessable
+from berthd.domain.errors import (
+    Conflict,
+    DeadKernel,
+    KernelNotFound,
+    StoreUnavailable,
+    Unprocessable,
+)
 from berthd.events import open_store
 from berthd.events.store import EventStore
 from berthd.runtime.base import SandboxNotFound
 from berthd.runtime.fake import FakeRuntime
+from tests.actors_tests.faults import FailingIntent
 
 CTX = CommandContext(principal="k1", owner="k1", is_admin=False, correlation_id="corr-k")
 NODE = "node0kernel0"
@@ -309,15 +317,15 @@ def test_destroy_removes_its_own_container(kernels: KernelSupervisor, store: Eve
     assert types(store, state.container_id)[-1] == "ContainerRemoved"
 
 
-def test_unknown_kernel_and_local_join_are_refused(kernels: KernelSupervisor, containers: Supervisor,
-                                                   store: EventStore) -> None:
+def test_unknown_kernel_and_join_without_shared_dir_are_refused(kernels: KernelSupervisor,
+                                                               containers: Supervisor, store: EventStore) -> None:
     with pytest.raises(KernelNotFound):
         kernels.kernel_command("nope", k.ExecuteCode(code="1"), CTX)
     from berthd.domain import container as c
     box = containers.create_container(c.CreateContainer(image="host", command=["sleep", "30"]), CTX,
-                                      berth_dir=True).result(timeout=30).state
+                                      berth_dir=False).result(timeout=30).state
     before = store.head()
-    with pytest.raises(Unprocessable):  # the fake, like the local runtime, keeps no detached exec
+    with pytest.raises(Unprocessable):  # no shared directory for the agent's socket
         kernels.create_kernel(k.CreateKernel(container=box.id), CTX)
     assert store.head() == before
     containers.container_command(box.id, c.RemoveContainer(force=True), CTX).result(timeout=30)
@@ -339,3 +347,63 @@ def test_concurrent_creates_with_one_name_one_wins(kernels: KernelSupervisor) ->
     for t in threads:
         t.join()
     assert len(done) == 1 and len(errors) == 1
+
+
+# ---------------------------------------------------------------------- pipelined intent
+
+
+@pytest.mark.parametrize("after", [None, 0.3], ids=["fails-at-once", "fails-after-the-code-ran"])
+def test_a_failed_intent_commit_appends_no_outcome_and_answers_the_error(
+        after: float | None, store: EventStore, runtime: FakeRuntime, workers: ThreadPoolExecutor,
+        containers: Supervisor) -> None:
+    """ExecutionStarted is committed while the code runs; if that commit fails, the
+    caller gets the error, ExecutionFinished is not appended (whether the outcome came
+    before or after the failure), and the kernel works again from its log."""
+    faulty = FailingIntent(store, k.ExecutionStarted, after=after)
+    kernels = kernels_for(faulty, runtime, workers, containers)
+    try:
+        state = create(kernels)
+        before = types(store, state.id)
+        faulty.arm()
+        with pytest.raises(StoreUnavailable, match="injected"):
+            run(kernels, state.id, "x = 1\n1+1")
+        assert faulty.failed == 1
+        time.sleep(after or 0.05)  # let a late outcome try (and fail) to follow
+        assert types(store, state.id) == before
+        result = run(kernels, state.id, "2+2")
+        assert result.return_value == "4"  # type: ignore[attr-defined]
+        assert types(store, state.id) == [*before, "ExecutionStarted", "ExecutionFinished"]
+        kernels.kernel_command(state.id, k.DestroyKernel(), CTX).result(timeout=30)
+    finally:
+        kernels.stop()
+
+
+def test_pipelined_executions_on_a_durable_log(tmp_path: pathlib.Path, runtime: FakeRuntime,
+                                               workers: ThreadPoolExecutor) -> None:
+    """On SQLite (group commit, commits really pending while the code runs): every
+    answered execution has its intent and its outcome on the log, in order, as another
+    reader of the file sees it."""
+    path = tmp_path / "log.db"
+    store = open_store(f"sqlite://{path}", EVENT_TYPES)
+    containers = Supervisor(store=store, runtimes={"fake": runtime}, default_runtime="fake", workers=workers,
+                            clock=system_clock, node_id=NODE, name_taken=lambda _n: False)
+    containers.start()
+    kernels = kernels_for(store, runtime, workers, containers)
+    try:
+        state = create(kernels)
+        futures = [kernels.kernel_command(state.id, k.ExecuteCode(code=f"{i} * 2"), CTX) for i in range(10)]
+        answers = [f.result(timeout=60).result.return_value for f in futures]  # type: ignore[union-attr]
+        assert answers == [str(i * 2) for i in range(10)]
+        reader = open_store(f"sqlite://{path}", EVENT_TYPES)
+        try:
+            events = [r.event for r in reader.read_stream(state.id)][2:]
+        finally:
+            reader.close()
+        assert [type(e).__name__ for e in events] == ["ExecutionStarted", "ExecutionFinished"] * 10
+        assert [e.return_value for e in events[1::2]] == answers
+        assert all(a.result_id == b.result_id for a, b in zip(events[0::2], events[1::2], strict=True))
+        kernels.kernel_command(state.id, k.DestroyKernel(), CTX).result(timeout=30)
+    finally:
+        kernels.stop()
+        containers.stop()
+        store.close()

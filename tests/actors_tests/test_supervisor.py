@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pathlib
 import threading
 import time
 from collections.abc import Iterator
@@ -19,11 +20,13 @@ from berthd.domain.errors import (
     ImageNotFound,
     RuntimeFailed,
     RuntimeUnavailable,
+    StoreUnavailable,
 )
 from berthd.events import open_store
 from berthd.events.store import EventStore
 from berthd.runtime import base as rt
 from berthd.runtime.fake import FakeRuntime
+from tests.actors_tests.faults import FailingIntent
 
 CTX = CommandContext(principal="k1", owner="k1", is_admin=False, correlation_id="corr-1")
 NODE = "node0test000"
@@ -265,3 +268,52 @@ def test_kill_refused_by_the_runtime_is_recorded_and_clears(sup: Supervisor, sto
     reply = sup.container_command(state.id, c.StopContainer(timeout=1), CTX).result(timeout=10)
     assert store.read_stream(state.id)[-1].event.reason == "stopped"
     assert reply.state.status == "exited"
+
+
+@pytest.mark.parametrize("after", [None, 0.3], ids=["fails-at-once", "fails-after-the-exec-ran"])
+def test_a_failed_exec_intent_commit_appends_no_outcome_and_answers_the_error(
+        after: float | None, store: EventStore, runtime: FakeRuntime, workers: ThreadPoolExecutor) -> None:
+    """ExecStarted is committed while the command runs; if that commit fails, the caller
+    gets the error, ExecFinished is not appended, and the container works again."""
+    faulty = FailingIntent(store, c.ExecStarted, after=after)
+    sup = make(faulty, runtime, workers)
+    try:
+        state = create(sup)
+        before = types(store, state.id)
+        faulty.arm()
+        with pytest.raises(StoreUnavailable, match="injected"):
+            sup.container_command(state.id, c.ExecInContainer(command=["true"]), CTX,
+                                  output_cap=1024).result(timeout=10)
+        time.sleep(after or 0.05)  # let a late outcome try (and fail) to follow
+        assert types(store, state.id) == before
+        done = sup.container_command(state.id, c.ExecInContainer(command=["true"]), CTX,
+                                     output_cap=1024).result(timeout=10)
+        assert done.result.result.exit_code == 0
+        assert done.state.execs_running == 0
+        assert types(store, state.id) == [*before, "ExecStarted", "ExecFinished"]
+    finally:
+        sup.stop()
+
+
+def test_pipelined_execs_on_a_durable_log(tmp_path: pathlib.Path, runtime: FakeRuntime,
+                                          workers: ThreadPoolExecutor) -> None:
+    """On SQLite (group commit): every answered exec has ExecStarted and ExecFinished on
+    the log, as another reader of the file sees it."""
+    path = tmp_path / "log.db"
+    store = open_store(f"sqlite://{path}", EVENT_TYPES)
+    sup = make(store, runtime, workers)
+    try:
+        state = create(sup)
+        futures = [sup.container_command(state.id, c.ExecInContainer(command=["true"]), CTX, output_cap=1024)
+                   for _ in range(10)]
+        assert [f.result(timeout=30).result.result.exit_code for f in futures] == [0] * 10
+        reader = open_store(f"sqlite://{path}", EVENT_TYPES)
+        try:
+            kinds = [r.type for r in reader.read_stream(state.id) if r.type.startswith("Exec")]
+        finally:
+            reader.close()
+        assert sorted(kinds) == ["ExecFinished"] * 10 + ["ExecStarted"] * 10
+        assert kinds.count("ExecStarted") == 10
+    finally:
+        sup.stop()
+        store.close()

@@ -401,6 +401,56 @@ class EventStoreContract(abc.ABC):
         elapsed = time.monotonic() - started
         assert 0.28 <= elapsed < 0.8
 
+    # -- append without waiting (append_async) -------------------------------------------
+
+    def test_append_async_commits_in_submission_order(self, store: EventStore) -> None:
+        """An intent and its outcome submitted back to back, the outcome counting the
+        intent's version before the intent is durable."""
+        intent = store.append_async("s1", 0, [ThingCreated(name="a")], meta())
+        outcome = store.append_async("s1", 1, [ThingRenamed(name="b"), ThingRenamed(name="c")], meta())
+        first, second = intent.result(timeout=15), outcome.result(timeout=15)
+        assert [r.version for r in first] == [1] and [r.version for r in second] == [2, 3]
+        assert first[0].position < second[0].position < second[1].position
+        assert second[0].kind == "thing" and second[0].type == "ThingRenamed"
+        assert store.read_stream("s1") == first + second
+        assert store.append("s1", 3, [ThingRenamed(name="d")], meta())[0].version == 4
+
+    def test_append_async_conflict_fails_its_future_and_writes_nothing(self, store: EventStore) -> None:
+        store.append("s1", 0, [ThingCreated(name="a")], meta())
+        head = store.head()
+        late = store.append_async("s1", 0, [ThingRenamed(name="lost")], meta())
+        with pytest.raises(ConcurrencyConflict) as info:
+            late.result(timeout=15)
+        assert info.value.stream_id == "s1" and info.value.expected_version == 0
+        assert store.head() == head
+
+    def test_append_async_after_a_failed_intent_appends_nothing(self, store: EventStore) -> None:
+        """The outcome's expected version follows its intent's: if the intent is not
+        committed, the outcome cannot be either, and both callers hear why."""
+        store.append("s1", 0, [ThingCreated(name="a")], meta())
+        head = store.head()
+        intent = store.append_async("s1", 5, [ThingRenamed(name="intent")], meta())
+        outcome = store.append_async("s1", 6, [ThingRenamed(name="outcome")], meta())
+        for future in (intent, outcome):
+            with pytest.raises(ConcurrencyConflict):
+                future.result(timeout=15)
+        assert [r.version for r in store.read_stream("s1")] == [1]
+        assert store.head() == head
+
+    def test_append_async_refuses_bad_arguments_at_once(self, store: EventStore) -> None:
+        with pytest.raises(ValueError):
+            store.append_async("s1", -1, [ThingCreated(name="a")], meta())
+        with pytest.raises(TypeError, match="registry"):
+            store.append_async("s1", 0, [ThingCreated(name="a"), Unregistered()], meta())
+        assert store.append_async("s1", 0, [], meta()).result(timeout=15) == []
+        assert store.head() == 0
+
+    def test_append_async_on_a_closed_store_fails_its_future(self, store: EventStore) -> None:
+        store.close()
+        future = store.append_async("s1", 0, [ThingCreated(name="a")], meta())
+        with pytest.raises(StoreUnavailable):
+            future.result(timeout=15)
+
     # -- lifecycle ------------------------------------------------------------------------
 
     def test_closed_store_is_unavailable(self, store: EventStore) -> None:

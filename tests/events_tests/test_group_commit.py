@@ -188,6 +188,28 @@ class GroupCommitContract(abc.ABC):
         assert again[0].position > blocker[-1].position
         assert [r.event.name for r in store.read_stream("s")] == ["s", "again"]
 
+    def test_a_failed_intent_commit_fails_its_queued_outcome(self, store: EventStore) -> None:
+        """An intent and its outcome queued without waiting (``append_async``): the
+        intent's batch fails, so the outcome is not appended and both callers get the
+        error, whichever batch the outcome lands in."""
+        kept = store.append("s", 0, [ThingCreated(name="s")], meta())
+        self.poison("poison")
+        with self.one_batch(store) as queued:
+            intent = store.append_async("poison", 0, [ThingCreated(name="i")], meta())
+            queued(1)
+            outcome = store.append_async("poison", 1, [ThingRenamed(name="o")], meta())
+            queued(2)
+        for future in (intent, outcome):
+            error = future.exception(timeout=15)
+            assert isinstance(error, StoreUnavailable) and self.poison_message in str(error), error
+        # and an outcome queued after the intent's batch was taken fails on its version
+        late_intent = store.append_async("poison", 0, [ThingCreated(name="i")], meta())
+        late_outcome = store.append_async("poison", 1, [ThingRenamed(name="o")], meta())
+        assert isinstance(late_intent.exception(timeout=15), StoreUnavailable)
+        assert isinstance(late_outcome.exception(timeout=15), (StoreUnavailable, ConcurrencyConflict))
+        assert store.read_stream("poison") == []
+        assert store.read_stream("s") == kept
+
     def test_a_batch_waiting_for_a_lock_does_not_hold_up_the_last_one(
         self, store: EventStore, monkeypatch: pytest.MonkeyPatch
     ) -> None:
