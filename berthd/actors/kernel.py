@@ -769,8 +769,9 @@ class KernelSupervisor:
                 raise RuntimeUnavailable(f"runtime {runtime_name} is not enabled on this node")
             if not runtime.detached_execs:
                 raise Unprocessable(
-                    f"a kernel cannot join a container on the {runtime_name} runtime (a process "
-                    "started there ends with its exec); omit 'container' to get a sandbox of its own",
+                    f"a kernel cannot join a container on the {runtime_name} runtime (it cannot keep "
+                    "a process started in a running container); omit 'container' to get a sandbox "
+                    "of its own",
                     field="container")
             if target.status != "running":
                 raise Conflict(f"container {target.name} is {target.status}; start it first",

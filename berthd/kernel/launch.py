@@ -12,10 +12,10 @@ Two ways to start an agent; both survive the daemon (even SIGKILL):
   ``kernel_spec``, ``runtime.create`` it, ``install_agent``, ``runtime.start``, then
   ``AgentClient.connect(paths.socket_path)``. The container lives as long as the agent:
   ``shutdown`` or a dead agent ends it, and the runtime's exit watch reports it.
-* **By exec in a running container** (``start_agent_by_exec``), only where
-  ``runtime.detached_execs`` (Docker): the agent daemonizes and the exec returns once it
-  listens. Not on the local runtime: each exec there is a bubblewrap sandbox of its own
-  that ends with the exec, taking the agent with it.
+* **In a running container** (``start_agent_by_exec``), where ``runtime.detached_execs``
+  (Docker, local, fake): ``runtime.exec_detached`` starts the agent as a process of the
+  container that outlives the call and the daemon and ends with the container; its
+  stdio goes to ``agent.log`` and the call returns once the agent listens.
 
 Any image whose ``python3`` is 3.8 or newer works; a bash kernel also needs ``bash``.
 
@@ -39,6 +39,9 @@ import importlib.resources
 import os
 import posixpath
 import re
+import socket
+import stat
+import time
 import uuid
 
 from berthd.runtime.base import (
@@ -226,26 +229,83 @@ def start_agent_by_exec(
     _check(kernel_id, language)
     if not runtime.detached_execs:
         raise RuntimeFailure(
-            f"the {runtime.name} runtime cannot keep a process started by exec: run the "
-            "kernel agent as the container's main command instead (kernel_spec)"
+            f"the {runtime.name} runtime cannot start a long-lived process in a running "
+            "container: run the kernel agent as the container's main command (kernel_spec)"
         )
+    paths = locate_agent(runtime, berth_id, kernel_id)
+    if _accepts(paths.socket_path):
+        raise RuntimeFailure(f"another agent already listens for kernel {kernel_id} in {berth_id}")
     paths = install_agent(runtime, berth_id, kernel_id)
     command = agent_command(
-        kernel_id,
-        language,
-        python=python,
-        output_cap=output_cap,
-        kill_grace=kill_grace,
-        daemon=True,
+        kernel_id, language, python=python, output_cap=output_cap, kill_grace=kill_grace
     )
-    result = runtime.exec(berth_id, ExecSpec(command=command, timeout=timeout))
-    if result.exit_code != 0:
-        output = (result.stderr or result.stdout).decode(errors="replace").strip()
-        raise RuntimeFailure(
-            f"the kernel agent did not start in {berth_id} (exit {result.exit_code}): "
-            f"{output or 'no output'}"
-        )
+    # stdio to agent.log, as ``--daemon`` would; a last line once the agent ends
+    command = (*command[:3], _logged(kernel_id, command[3]), *command[4:])
+    runtime.exec_detached(berth_id, ExecSpec(command=command))
+    deadline = time.monotonic() + timeout
+    while not _accepts(paths.socket_path):
+        log = _tail(paths.log_path)
+        if _ENDED in log or time.monotonic() >= deadline:
+            output = log.replace(_ENDED, "").strip()
+            raise RuntimeFailure(
+                f"the kernel agent did not start in {berth_id}: {output or 'no output'}"
+            )
+        time.sleep(0.02)
     return paths
+
+
+_ENDED = "berthd: the kernel agent ended"
+
+
+def _logged(kernel_id: str, bootstrap: str) -> str:
+    """``bootstrap`` with stdin from /dev/null and stdout+stderr appended to agent.log."""
+    return (
+        "import os\n"
+        f"d=os.path.join(os.environ[{BERTH_DIR_ENV!r}],{KERNELS_DIR!r},{kernel_id!r})\n"
+        f"f=os.open(os.path.join(d,{LOG_FILE!r}),os.O_WRONLY|os.O_CREAT|os.O_APPEND,0o644)\n"
+        "n=os.open(os.devnull,os.O_RDONLY)\n"
+        "os.dup2(n,0);os.dup2(f,1);os.dup2(f,2);os.close(f);os.close(n)\n"
+        "try:\n"
+        f" {bootstrap}\n"
+        "finally:\n"
+        f" os.write(2,b'\\n{_ENDED}\\n')\n"
+    )
+
+
+def _accepts(socket_path: str) -> bool:
+    """Does a socket there accept a connection (an agent listens)? Nothing is sent."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(socket_path).st_mode):
+            return False
+    except OSError:
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(socket_path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+def _tail(path: str, size: int = 4000) -> str:
+    """The end of the agent's log (written by the sandbox: never followed, never a FIFO)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return ""
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return ""
+        os.lseek(fd, max(0, info.st_size - size), os.SEEK_SET)
+        return os.read(fd, size).decode("utf-8", "replace")
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
 
 
 def _write_below(base: str, directories: list[str], name: str, data: bytes) -> None:

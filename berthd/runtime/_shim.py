@@ -14,6 +14,12 @@ daemon can die (even by SIGKILL) and restart while containers keep running. It:
    then writes ``exit.json`` (exit code, 128+N for a signal, ``finished_at``) atomically
    and exits.
 
+A *detached* process (``LocalRuntime.exec_detached``) has a shim of its own, in a
+directory of its own: its ``launch.json`` names the container's main process
+(``container``: pid and start time). That shim also ends its command (the whole tree)
+when the main process ends, and never kills by uid: the container's other processes are
+not its to end.
+
 A spawn failure is written to ``exit.json`` with an ``error`` and exit code 127/126.
 TERM, INT, HUP, QUIT, USR1 and USR2 sent to the shim are forwarded to the container's
 processes, so an administrator's ``kill <shim>`` stops the container and its exit is
@@ -25,9 +31,11 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
+import time
 import types
 from datetime import UTC, datetime
 from typing import Any
@@ -83,6 +91,57 @@ def _die_with_shim(shim_pid: int) -> Any:
             os._exit(1)  # the shim is already gone
 
     return arm
+
+
+def _wait_exit(pid: int) -> None:
+    """Notice the exit without reaping, so the process-group id is still ours to kill."""
+    while True:
+        try:
+            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+            return
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            return
+
+
+def _wait_either(child: int, main_pid: Any, main_start: Any) -> bool:
+    """Wait until ``child`` ends (False) or the container's main process does (True),
+    without reaping ``child``."""
+    if not isinstance(main_pid, int) or main_pid <= 0:
+        return True
+    try:
+        child_fd = os.pidfd_open(child)  # unreaped: always there
+    except OSError:  # no pidfd here: poll
+        child_fd = -1
+    if child_fd >= 0:
+        try:
+            main_fd = os.pidfd_open(main_pid)
+        except OSError:
+            os.close(child_fd)
+            return True  # the main process is already gone
+    else:
+        while _proc.alive(main_pid, main_start):
+            if os.waitid(os.P_PID, child, os.WEXITED | os.WNOWAIT | os.WNOHANG) is not None:
+                return False
+            time.sleep(0.2)
+        return True
+    try:
+        # Checked after the descriptor is open: a recycled pid is not the container's.
+        if not _proc.alive(main_pid, main_start):
+            return True
+        while True:
+            try:
+                ready, _, _ = select.select([child_fd, main_fd], [], [])
+            except InterruptedError:
+                continue
+            if main_fd in ready:
+                return True
+            if child_fd in ready:
+                return False
+    finally:
+        os.close(child_fd)
+        os.close(main_fd)
 
 
 def main(argv: list[str]) -> int:
@@ -157,20 +216,18 @@ def main(argv: list[str]) -> int:
         },
     )
 
-    # Notice the exit without reaping, so the process-group id is still ours to kill.
-    while True:
-        try:
-            os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)
-            break
-        except InterruptedError:
-            continue
-        except ChildProcessError:
-            break
+    container = launch.get("container")
+    if isinstance(container, dict):
+        # A detached process: it ends with the container's main process too.
+        if _wait_either(child.pid, container.get("pid"), container.get("pid_start")):
+            _proc.kill_tree(child.pid)
+    else:
+        _wait_exit(child.pid)
     try:
         os.killpg(child.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    if isinstance(user, int) and user != 0:
+    if isinstance(user, int) and user != 0 and not isinstance(container, dict):
         # The uid is this container's alone: its execs and escaped daemons end with it.
         _proc.kill_uid(user)
     returncode = child.wait()

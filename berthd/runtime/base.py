@@ -42,6 +42,7 @@ __all__ = [
     "BERTH_DIR_ENV",
     "SANDBOX_BERTH_DIR",
     "BerthDir",
+    "CommandMissing",
     "ContainerSpec",
     "ExecResult",
     "ExecSpec",
@@ -139,6 +140,13 @@ class MountForbidden(PathForbidden):
 
 class UnknownProfile(RuntimeFailure):
     """No security profile of that name (400, field ``profile``)."""
+
+    code = "VALIDATION_ERROR"
+
+
+class CommandMissing(RuntimeFailure):
+    """No command to run: none given and the image has no default, or the executable is
+    not in the sandbox (400, field ``command``)."""
 
     code = "VALIDATION_ERROR"
 
@@ -272,14 +280,21 @@ class Runtime(abc.ABC):
 
     name: str  # "docker" | "local" | "fake"
 
-    # True when a process that an exec leaves running in the background (in a session of
-    # its own, stdio closed) keeps running after the exec returns and after the daemon
-    # dies: then a long-lived agent can be started in a container that already runs.
-    # Docker: yes. Local: no (each exec is a bubblewrap sandbox of its own that ends with
-    # it); such agents must be the container's main command.
+    # True when ``exec_detached`` works: a long-lived process (a kernel agent) can be
+    # started in a container that already runs. Docker, local and fake: yes.
     detached_execs: bool = False
 
     _security: SecurityPolicy | None = None
+
+    def exec_detached(self, berth_id: str, spec: ExecSpec) -> None:
+        """Start ``spec.command`` in the running container and return once it started,
+        without waiting for it. It belongs to the container, not to this call: it keeps
+        running after this returns and after the daemon dies (even by SIGKILL), with the
+        isolation of any exec (user, binds, network, limits), and it ends when the
+        container stops, is killed or is removed. No stdin; its output is not returned.
+        ``RuntimeFailure`` if the container is not running or the command is not found
+        (where the runtime can tell), ``WorkdirNotFound`` for a missing ``workdir``."""
+        raise RuntimeFailure(f"the {self.name} runtime cannot start a detached process")
 
     @property
     def security(self) -> SecurityPolicy:

@@ -76,6 +76,7 @@ from berthd.runtime.base import (
     BERTH_DIR_ENV,
     SANDBOX_BERTH_DIR,
     BerthDir,
+    CommandMissing,
     ContainerSpec,
     ExecResult,
     ExecSpec,
@@ -163,7 +164,7 @@ class DockerRuntime(Runtime):
     the host directory for shared directories (default ``default_berth_root()``)."""
 
     name = "docker"
-    detached_execs = True  # exec'd processes belong to the container, not to the exec
+    detached_execs = True  # exec_detached: the engine keeps the exec'd process
 
     def __init__(
         self,
@@ -221,7 +222,10 @@ class DockerRuntime(Runtime):
                 raise SandboxNotFound(f"no container {berth_id} in Docker") from None
             raise RuntimeFailure(f"{what}: {_explain(exc)}") from None
         except docker.errors.APIError as exc:
-            raise RuntimeFailure(f"{what}: {_explain(exc)}") from None
+            text = _explain(exc)
+            if "No command specified" in text or "executable file not found" in text:
+                raise CommandMissing(f"{what}: {text}", field="command") from None
+            raise RuntimeFailure(f"{what}: {text}") from None
         except _UNREACHABLE as exc:
             raise RuntimeUnavailable(f"Docker engine unreachable during {what}: {exc}") from None
         except docker.errors.DockerException as exc:
@@ -524,6 +528,31 @@ class DockerRuntime(Runtime):
                 f"working directory {spec.workdir!r} does not exist in the container", field="workdir"
             )
         return result
+
+    def exec_detached(self, berth_id: str, spec: ExecSpec) -> None:
+        """An exec the engine runs on its own (``detach``): its process is the container's."""
+        if not spec.command:
+            raise RuntimeFailure("exec needs a command")
+        container = self._container(berth_id)
+        if self._status(container).state != "running":
+            raise RuntimeFailure(f"container {berth_id} is not running")
+        api = self._docker().api
+        with self._errors("exec", berth_id):
+            try:
+                created = api.exec_create(
+                    str(container.id),
+                    list(spec.command),
+                    stdout=False,
+                    stderr=False,
+                    stdin=False,
+                    environment=dict(spec.env) or None,
+                    workdir=spec.workdir,
+                )
+                api.exec_start(created["Id"], detach=True)
+            except docker.errors.APIError as exc:
+                if exc.status_code == 409:
+                    raise RuntimeFailure(f"container {berth_id} is not running") from None
+                raise
 
     def exec_stream(self, berth_id: str, spec: ExecSpec, tty: bool = False) -> ExecStream:
         run = self._open_exec(berth_id, spec, tty=tty, stdin=True)

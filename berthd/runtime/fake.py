@@ -9,7 +9,8 @@ and ``/tmp`` in ``workdir``, ``put_file`` and ``get_file`` map to ``workspace/``
 ``tmp/`` in that directory (on disk, so that a command can read a file put there);
 paths inside commands are not translated. A container created without a command idles
 (no process) until stopped or killed. A shared directory (``berth_dir``) is ``berth/`` in
-that directory, the same path on both sides, in ``$BERTH_DIR``.
+that directory, the same path on both sides, in ``$BERTH_DIR``. ``exec_detached`` starts
+a host process in a session of its own, ended with the container's execs.
 
 Test hooks (all thread-safe):
 
@@ -111,6 +112,7 @@ class FakeRuntime(Runtime):
     """See the module docstring. ``images`` seeds the image list."""
 
     name = "fake"
+    detached_execs = True
 
     def __init__(self, node_id: str, images: tuple[str, ...] = DEFAULT_IMAGES) -> None:
         self.node_id = node_id
@@ -449,6 +451,20 @@ class FakeRuntime(Runtime):
             timeout=spec.timeout,
             output_cap=spec.output_cap,
         )
+
+    def exec_detached(self, berth_id: str, spec: ExecSpec) -> None:
+        """A host process in a session of its own (it outlives the call, and this object),
+        ended with the container's execs at stop, kill and remove."""
+        self._enter("exec_detached", berth_id)
+        spawner = self._spawner(berth_id, spec)
+        if shutil.which(spec.command[0], path=dict(spawner.env).get("PATH", _PATH)) is None:
+            spawner.release()
+            raise RuntimeFailure(f"executable {spec.command[0]!r} not found in the container")
+        process = spawner.popen(
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        spawner.release()
+        threading.Thread(target=process.wait, name=f"fake-detached-{process.pid}", daemon=True).start()
 
     def exec_stream(self, berth_id: str, spec: ExecSpec, tty: bool = False) -> ExecStream:
         self._enter("exec_stream", berth_id)

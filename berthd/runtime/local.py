@@ -10,13 +10,17 @@ Layout, one directory per container under ``root_dir`` (mode 0711, root-owned)::
     <berth_id>/state.json     written by the shim once the command runs
     <berth_id>/exit.json      written by the shim when it ends
     <berth_id>/container.log  the main process's stdout + stderr       (0600)
+    <berth_id>/detached/<n>/  a detached process (``exec_detached``): launch.json,
+                              state.json, exit.json, its log, as above (0700)
     <berth_id>/berth/         the shared directory (``ContainerSpec.berth_dir``), owned by
                               the container's uid (0700); ``/run/berth`` inside bubblewrap,
                               the same host path without it
 
 The main process is started through ``berthd.runtime._shim`` in a session of its own, so
 it survives the daemon (even a SIGKILL) and a new ``LocalRuntime`` on the same root
-picks it up from the files above: nothing lives only in memory.
+picks it up from the files above: nothing lives only in memory. A detached process
+(``exec_detached``, e.g. a kernel agent joining a running container) gets a shim of its
+own the same way; that shim also ends it when the main process ends.
 
 What is enforced
 ----------------
@@ -79,6 +83,7 @@ import shutil
 import signal as _signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -96,6 +101,7 @@ from berthd.runtime.base import (
     BERTH_DIR_ENV,
     SANDBOX_BERTH_DIR,
     BerthDir,
+    CommandMissing,
     ContainerSpec,
     ExecResult,
     ExecSpec,
@@ -121,6 +127,7 @@ SANDBOX_UID = 65534  # what processes see inside bubblewrap
 SPEC_FILE = "spec.json"
 LOG_FILE = "container.log"
 SHIM_LOG_FILE = "shim.log"
+DETACHED_DIR = "detached"
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 # Top-level host entries the sandbox never gets from the host.
 _NOT_FROM_HOST = frozenset({"proc", "dev", "tmp", "workspace", "run", "sys"})
@@ -168,6 +175,10 @@ class _Paths:
     def berth(self) -> str:
         return os.path.join(self.root, "berth")
 
+    @property
+    def detached(self) -> str:
+        return os.path.join(self.root, DETACHED_DIR)
+
 
 def _read_json(path: str) -> dict[str, Any] | None:
     try:
@@ -212,6 +223,7 @@ class LocalRuntime(Runtime):
     """
 
     name = "local"
+    detached_execs = True  # exec_detached: a shim of its own per process
 
     def __init__(
         self,
@@ -751,13 +763,14 @@ class LocalRuntime(Runtime):
             status = self._status(berth_id, paths, spec)
             if status.state == "running":
                 return status
+            self._kill_detached(paths)  # a previous run's, ended with it
             spec = self._ensure_cgroups(berth_id, spec)
             command = list(spec.get("command") or ())
             env = self._env(spec, paths, {})
             if not command:
-                raise RuntimeFailure("no command to run (the host image has no default)")
+                raise CommandMissing("no command to run (the host image has no default)", field="command")
             if not self._resolve_command(paths, command, env):
-                raise RuntimeFailure(f"executable {command[0]!r} not found in the container")
+                raise CommandMissing(f"executable {command[0]!r} not found in the container", field="command")
             argv, cwd, fds = self._launch(spec, paths, command, None, main=True)
             try:
                 for stale in (paths.state, paths.exit):
@@ -887,6 +900,7 @@ class LocalRuntime(Runtime):
             status = self._wait_exited(berth_id, paths, spec, _KILL_WAIT)
         if status.state != "running":
             self._kill_execs(berth_id)
+            self._kill_detached(paths)
         return status
 
     def kill(self, berth_id: str, signal: str = "KILL") -> SandboxStatus:
@@ -903,6 +917,7 @@ class LocalRuntime(Runtime):
             status = self._status(berth_id, paths, spec)
         if status.state != "running":
             self._kill_execs(berth_id)
+            self._kill_detached(paths)
         return status
 
     def remove(self, berth_id: str, force: bool = False) -> None:
@@ -919,6 +934,7 @@ class LocalRuntime(Runtime):
                 if self._wait_exited(berth_id, paths, spec, _KILL_WAIT).state == "running":
                     raise RuntimeFailure(f"container {berth_id} did not die; not removed")
             self._kill_execs(berth_id)
+            self._kill_detached(paths)
             # Make it vanish atomically for readers, then delete at leisure.
             grave = os.path.join(
                 self._root, f".removed-{berth_id}-{os.getpid()}-{time.monotonic_ns()}"
@@ -988,6 +1004,86 @@ class LocalRuntime(Runtime):
         if not found:
             spawner.release()
         return spawner, found
+
+    def exec_detached(self, berth_id: str, spec: ExecSpec) -> None:
+        """Like the main process: a shim of its own (in ``detached/<n>/``, root-only)
+        starts the command in a sandbox built as for an exec (same uid, binds, network
+        rules, cgroups or rlimits), in a session of its own so it survives the daemon; the
+        shim ends it when the container's main process ends, and stop, kill and remove
+        end it too. Its output goes to a root-only log there, not into the sandbox."""
+        paths = self._paths(berth_id)
+        with self._lock(berth_id):
+            container = self._spec(paths, berth_id)
+            state = _read_json(paths.state)
+            if state is None or self._status(berth_id, paths, container).state != "running":
+                raise RuntimeFailure(f"container {berth_id} is not running")
+            command = list(spec.command)
+            if not command:
+                raise RuntimeFailure("exec needs a command")
+            env = self._env(container, paths, dict(spec.env))
+            if not self._resolve_command(paths, command, env):
+                raise RuntimeFailure(f"executable {command[0]!r} not found in the container")
+            # main=True: the shim joins the cgroups itself, as the main process's does
+            argv, cwd, fds = self._launch(container, paths, command, spec.workdir, main=True)
+            try:
+                if spec.workdir and not self._workdir_exists(container, paths, spec.workdir, cwd):
+                    raise WorkdirNotFound(
+                        f"working directory {spec.workdir!r} does not exist in the container",
+                        field="workdir",
+                    )
+                os.makedirs(paths.detached, mode=0o700, exist_ok=True)
+                self._prune_detached(paths)
+                own = _Paths(tempfile.mkdtemp(prefix="d-", dir=paths.detached))
+                uid = container.get("uid")
+                write_json_atomic(
+                    own.launch,
+                    {
+                        "argv": argv,
+                        "env": env,
+                        "cwd": cwd,
+                        "user": uid,
+                        "group": uid,
+                        "log": own.log,
+                        "sandboxed": state.get("sandboxed", False),
+                        "pass_fds": fds,
+                        "cgroup_procs": container.get("cgroup_procs") or [],
+                        "container": {"pid": state.get("pid"), "pid_start": state.get("pid_start")},
+                    },
+                )
+                shim = self._spawn_shim(own, fds)
+            finally:
+                _close_all(fds)
+            try:
+                self._wait_started(berth_id, own, shim)
+            except BaseException:
+                _proc.kill_tree(shim.pid)
+                shutil.rmtree(own.root, ignore_errors=True)
+                raise
+
+    @staticmethod
+    def _prune_detached(paths: _Paths) -> None:
+        """Forget the detached processes that ended (their shim wrote exit.json)."""
+        for entry in os.listdir(paths.detached):
+            own = _Paths(os.path.join(paths.detached, entry))
+            if os.path.exists(own.exit):
+                shutil.rmtree(own.root, ignore_errors=True)
+
+    def _kill_detached(self, paths: _Paths) -> None:
+        """End the container's detached processes (from their files: they may have been
+        started by a daemon that died since) and forget them."""
+        try:
+            entries = os.listdir(paths.detached)
+        except OSError:
+            return
+        for entry in entries:
+            own = _Paths(os.path.join(paths.detached, entry))
+            state = _read_json(own.state)
+            if state is not None and state.get("boot_id") == _proc.boot_id():
+                # the shim first: a live shim would otherwise outlive its killed command
+                for pid, start in (("shim_pid", "shim_start"), ("pid", "pid_start")):
+                    if _proc.alive(state.get(pid), state.get(start)):
+                        _proc.kill_tree(state[pid])
+            shutil.rmtree(own.root, ignore_errors=True)
 
     def exec(self, berth_id: str, spec: ExecSpec) -> ExecResult:
         spawner, found = self._exec_spawner(berth_id, spec)

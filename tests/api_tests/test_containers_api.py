@@ -141,6 +141,6 @@ def test_name_taken_is_409(local_daemon: DaemonProcess) -> None:
     d = local_daemon
     name = _name()
     create(d, "host", name=name)
-    r = d.post("/v1/containers", {"image": "host", "name": name})
+    r = d.post("/v1/containers", {"image": "host", "name": name, "command": ["sleep", "1"]})
     assert r.status_code == 409 and r.json()["error"]["code"] == "CONFLICT"
     d.delete(f"/v1/containers/{name}?force=true")

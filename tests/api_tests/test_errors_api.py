@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import requests
 
@@ -129,3 +131,36 @@ def test_bad_action_bodies_are_400_and_append_nothing(local_daemon: DaemonProces
     assert error_of(r)["details"]["field"] == field
     assert head(d) == before
     d.delete(f"/v1/containers/{view['id']}?force=true")
+
+
+def test_no_command_on_the_host_image_is_400_and_appends_nothing(local_daemon: DaemonProcess) -> None:
+    d = local_daemon
+    before = head(d)
+    for body in ({"image": "host"}, {"image": "host", "start": False}):
+        r = d.post("/v1/containers", body)
+        assert r.status_code == 400, r.text
+        assert error_of(r)["code"] == "VALIDATION_ERROR" and error_of(r)["details"]["field"] == "command"
+    assert head(d) == before
+
+
+def test_a_missing_executable_is_a_client_error_not_a_502(daemon_and_image: tuple[DaemonProcess, str]) -> None:
+    """Local checks the command before it starts anything: 400 naming it. On Docker the
+    container's init starts and reports the missing program as exit 127, as `docker run`."""
+    d, image = daemon_and_image
+    r = d.post("/v1/containers", {"image": image, "command": ["/no/such/program"], "start": False})
+    assert r.status_code == 201, r.text
+    cid = r.json()["id"]
+    try:
+        started = d.post(f"/v1/containers/{cid}/start")
+        if image == "host":
+            assert started.status_code == 400, started.text
+            assert error_of(started)["details"]["field"] == "command"
+        else:
+            assert started.status_code == 200, started.text
+            deadline = time.monotonic() + 10
+            while d.get(f"/v1/containers/{cid}").json()["exit_code"] is None:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            assert d.get(f"/v1/containers/{cid}").json()["exit_code"] == 127
+    finally:
+        d.delete(f"/v1/containers/{cid}?force=true")

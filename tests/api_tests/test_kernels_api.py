@@ -261,8 +261,9 @@ def test_refusals_append_nothing(local_daemon: DaemonProcess) -> None:
     result = d.get("/v1/results/nope")
     assert result.status_code == 404 and result.json()["error"]["code"] == "RESULT_NOT_FOUND"
     box = d.post("/v1/containers", {"image": "host", "command": ["sleep", "60"]}).json()
-    local_join = d.post("/v1/kernels", {"container": box["id"]})
-    assert local_join.status_code == 422 and local_join.json()["error"]["details"]["field"] == "container"
+    assert d.post(f"/v1/containers/{box['id']}/stop", {"timeout": 1}).status_code == 200
+    stopped_join = d.post("/v1/kernels", {"container": box["id"]})
+    assert stopped_join.status_code == 409 and stopped_join.json()["error"]["details"]["field"] == "container"
     d.delete(f"/v1/containers/{box['id']}?force=true")
     # only the container's own events were appended
     events = d.get(f"/v1/events?after={before}&kind=kernel").json()["items"]
@@ -286,19 +287,45 @@ def test_bash_kernel_keeps_cd_and_export(rt: tuple[DaemonProcess, str]) -> None:
         d.delete(f"/v1/kernels/{kid}")
 
 
-def test_kernel_in_an_existing_docker_container(docker_daemon: DaemonProcess) -> None:
-    d = docker_daemon
-    box = d.post("/v1/containers", {"image": PYTHON_IMAGE, "command": ["sleep", "300"]}).json()
+@pytest.mark.parametrize("name", ["local", "docker"])
+def test_kernel_in_an_existing_container(name: str, request: pytest.FixtureRequest) -> None:
+    d: DaemonProcess = request.getfixturevalue(f"{name}_daemon")
+    box = d.post("/v1/containers", {"image": IMAGES[name], "command": ["sleep", "300"]}).json()
     try:
         view = d.post("/v1/kernels", {"container": box["id"]})
         assert view.status_code == 201, view.text
         kid = view.json()["id"]
         assert view.json()["container_id"] == box["id"]
-        assert execute(d, kid, "import os; os.path.exists('/run/berth')")["return_value"] == "True"
+        assert execute(d, kid, "import os; os.path.isdir(os.environ['BERTH_DIR'])")["return_value"] == "True"
+        # the agent runs as the container's other processes do
+        who = d.post(f"/v1/containers/{box['id']}/exec", {"command": ["id", "-u"]}).json()
+        assert execute(d, kid, "os.getuid()")["return_value"] == who["stdout"].strip()
         assert d.delete(f"/v1/kernels/{kid}").json()["status"] == "destroyed"
         assert d.get(f"/v1/containers/{box['id']}").json()["status"] == "running"  # not ours to remove
     finally:
         d.delete(f"/v1/containers/{box['id']}?force=true")
+
+
+@pytest.mark.parametrize("name", ["local", "docker"])
+def test_a_joined_kernel_survives_sigkill(name: str, tmp_path: pathlib.Path, request: pytest.FixtureRequest) -> None:
+    if name == "docker":
+        request.getfixturevalue("docker_client")
+    d = DaemonProcess(tmp_path / "data", runtime=name).start()
+    try:
+        box = d.post("/v1/containers", {"image": IMAGES[name], "command": ["sleep", "300"]}).json()
+        view = d.post("/v1/kernels", {"language": "python", "container": box["id"]})
+        assert view.status_code == 201, view.text
+        kid = view.json()["id"]
+        assert execute(d, kid, "x = 41")["status"] == "ok"
+        d.kill()
+        d.start()
+        assert execute(d, kid, "x + 1")["return_value"] == "42"
+        # the kernel ends with its container
+        assert d.delete(f"/v1/containers/{box['id']}?force=true").status_code == 200
+        ended = wait_for(lambda: d.post(f"/v1/kernels/{kid}/execute", {"code": "x"}).json().get("status") != "ok", 20)
+        assert ended
+    finally:
+        d.stop()
 
 
 @pytest.mark.parametrize("name", ["local", "docker"])

@@ -4,6 +4,7 @@ state surviving a daemon killed with SIGKILL in the middle of an execution."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -23,6 +24,7 @@ import pytest
 from berthd.kernel import (
     AgentClient,
     AgentPaths,
+    AgentUnavailable,
     KernelDead,
     install_agent,
     kernel_spec,
@@ -241,23 +243,66 @@ def test_agents_started_by_exec_in_a_running_docker_container(docker: Hosted) ->
             assert client.execute('echo "$PWD $N"').stdout == "/tmp 1\n"
         with pytest.raises(RuntimeFailure, match="another agent already listens"):
             start_agent_by_exec(docker_runtime, berth_id, "py", "python")
+        with pytest.raises(RuntimeFailure, match="no such file"):
+            start_agent_by_exec(docker_runtime, berth_id, "bad", "python", python="/no/such/python")
     finally:
         docker_runtime.remove(berth_id, force=True)
 
 
-def test_the_local_runtime_refuses_agents_by_exec(local: Hosted) -> None:
+def _agents_by_exec(runtime: Runtime, berth_id: str) -> None:
+    python = start_agent_by_exec(runtime, berth_id, "py", "python", kill_grace=1)
+    with AgentClient.connect(python.socket_path, timeout=10) as client:
+        client.execute("x = 41")
+    # The call is over; the agent lives on in the container, found again by id.
+    with AgentClient.connect(locate_agent(runtime, berth_id, "py").socket_path) as c:
+        assert c.execute("x + 1").return_value == "42"
+    with pytest.raises(RuntimeFailure, match="another agent already listens"):
+        start_agent_by_exec(runtime, berth_id, "py", "python")
+    with pytest.raises(RuntimeFailure, match="not found"):
+        start_agent_by_exec(runtime, berth_id, "bad", "python", python="/no/such/python", timeout=5)
+    with pytest.raises(RuntimeFailure, match="did not start"):  # runs, but never listens
+        start_agent_by_exec(runtime, berth_id, "mute", "python", python="false", timeout=2)
+
+
+def _processes_of(uid: int) -> list[str]:
+    """What runs as ``uid`` (ps), zombies left out."""
+    listing = subprocess.run(["ps", "-o", "stat=,args=", "-u", str(uid)], capture_output=True, text=True)
+    return [line for line in listing.stdout.splitlines() if line.strip() and not line.strip().startswith("Z")]
+
+
+def test_agents_started_by_exec_in_a_running_local_container(local: Hosted) -> None:
     local_runtime = local.runtime
     berth_id = uuid.uuid4().hex[:12]
     spec = ContainerSpec(
-        berth_id=berth_id, node_id=NODE, image="host", command=("sleep", "30"), berth_dir=True
+        berth_id=berth_id, node_id=NODE, image="host", command=("sleep", "300"), berth_dir=True
     )
     local_runtime.create(spec)
     local_runtime.start(berth_id)
     try:
-        with pytest.raises(RuntimeFailure, match="main command"):
-            start_agent_by_exec(local_runtime, berth_id, "py", "python")
+        _agents_by_exec(local_runtime, berth_id)
+        with AgentClient.connect(locate_agent(local_runtime, berth_id, "py").socket_path) as c:
+            assert c.execute("__import__('os').getuid()").return_value == "65534"
+        uid = json.loads(Path(local_runtime.inspect(berth_id).runtime_ref or "", "spec.json").read_text())["uid"]
+        assert _processes_of(uid)
+        local_runtime.stop(berth_id, timeout=2)
+        assert _processes_of(uid) == []  # the agent and its worker ended with the container
+        with pytest.raises(AgentUnavailable):
+            AgentClient.connect(locate_agent(local_runtime, berth_id, "py").socket_path, timeout=1)
     finally:
         local_runtime.remove(berth_id, force=True)
+
+
+def test_agents_started_by_exec_in_a_running_fake_container() -> None:
+    runtime = FakeRuntime(NODE)
+    berth_id = uuid.uuid4().hex[:12]
+    runtime.create(ContainerSpec(berth_id=berth_id, node_id=NODE, image="host", berth_dir=True,
+                                 command=("sleep", "300")))
+    runtime.start(berth_id)
+    try:
+        _agents_by_exec(runtime, berth_id)
+    finally:
+        runtime.remove(berth_id, force=True)
+        runtime.close()
 
 
 def test_a_bash_kernel_without_bash_is_dead(docker: Hosted) -> None:

@@ -546,6 +546,90 @@ class RuntimeContract:
         berth_id = self.running(runtime, limits=Limits(memory_mb=256, pids=64), network=False)
         assert runtime.exec(berth_id, ExecSpec(command=("echo", "limited"))).stdout == b"limited\n"
 
+    # ---------------------------------------------------------------- detached processes
+
+    BEAT = 'i=0; while :; do i=$((i+1)); echo $i > "$BERTH_DIR/beat.tmp"; mv "$BERTH_DIR/beat.tmp" "$BERTH_DIR/beat"; sleep 0.05; done'
+
+    @staticmethod
+    def beats(runtime: Runtime, berth_id: str) -> Callable[[], int]:
+        """Reads the counter that BEAT keeps bumping (0 before its first write)."""
+        beat = Path(runtime.berth_dir(berth_id).host, "beat")
+
+        def read() -> int:
+            try:
+                return int(beat.read_text() or 0)
+            except (FileNotFoundError, ValueError):
+                return 0
+
+        return read
+
+    def beating(self, read: Callable[[], int]) -> bool:
+        """Does the counter still move (within a few seconds)?"""
+        first = read()
+        return wait_until(lambda: read() > first, timeout=3)
+
+    def test_a_detached_process_outlives_its_call_and_dies_with_stop(self, runtime: Runtime) -> None:
+        assert runtime.detached_execs
+        berth_id = self.running(runtime, berth_dir=True)
+        runtime.exec_detached(berth_id, ExecSpec(command=("sh", "-c", self.BEAT)))
+        read = self.beats(runtime, berth_id)
+        assert wait_until(lambda: read() > 0)
+        assert runtime.exec(berth_id, ExecSpec(command=("true",))).exit_code == 0
+        assert self.beating(read)  # the call and a later exec are over: it runs on
+        runtime.stop(berth_id, timeout=5)
+        assert not self.beating(read)
+        runtime.start(berth_id)  # a restarted container does not bring it back
+        assert not self.beating(read)
+
+    def test_a_detached_process_dies_with_kill_remove_and_the_main_process(self, runtime: Runtime) -> None:
+        for end in ("kill", "remove", "main"):
+            command = ("sh", "-c", "sleep 1; exit 3") if end == "main" else SLEEPER
+            berth_id = self.running(runtime, command, berth_dir=True)
+            runtime.exec_detached(berth_id, ExecSpec(command=("sh", "-c", self.BEAT)))
+            read = self.beats(runtime, berth_id)
+            assert wait_until(lambda: read() > 0), end  # noqa: B023 - used at once
+            if end == "kill":
+                runtime.kill(berth_id)
+            elif end == "remove":
+                host = runtime.berth_dir(berth_id).host
+                runtime.remove(berth_id, force=True)
+                # the directory is gone with the container: nothing may write there again
+                assert not wait_until(lambda: os.path.exists(host), timeout=1), end  # noqa: B023
+                continue
+            else:
+                self.exited(runtime, berth_id)
+            assert not self.beating(read), end
+
+    def test_a_detached_process_is_confined_like_an_exec(self, runtime: Runtime) -> None:
+        berth_id = self.running(runtime, berth_dir=True)
+        probe = 'echo "$(id -u) $(id -g) $(cat /proc/self/status | grep -E "^(CapEff|NoNewPrivs)" | tr -d "\t" | tr "\n" " ")"'
+        runtime.exec_detached(
+            berth_id, ExecSpec(command=("sh", "-c", probe + ' > "$BERTH_DIR/who.tmp"; mv "$BERTH_DIR/who.tmp" "$BERTH_DIR/who"'))
+        )
+        who = Path(runtime.berth_dir(berth_id).host, "who")
+        assert wait_until(who.exists)
+        assert who.read_text() == runtime.exec(berth_id, ExecSpec(command=("sh", "-c", probe))).stdout.decode()
+
+    def test_a_detached_process_is_held_by_the_profile_limits(self, runtime: Runtime) -> None:
+        self._require_enforcement()
+        runtime.security = build_policy({"small": {"memory_mb": 64}})
+        berth_id = self.running(runtime, profile="small", berth_dir=True)
+        hog = "awk 'BEGIN { s = \"x\"; while (length(s) < 268435456) s = s s; print length(s) }'"
+        script = f'{hog} > "$BERTH_DIR/out"; echo $? > "$BERTH_DIR/rc.tmp"; mv "$BERTH_DIR/rc.tmp" "$BERTH_DIR/rc"'
+        runtime.exec_detached(berth_id, ExecSpec(command=("sh", "-c", script)))
+        rc = Path(runtime.berth_dir(berth_id).host, "rc")
+        assert wait_until(rc.exists, timeout=60)
+        assert rc.read_text().strip() != "0"
+        assert "268435456" not in Path(rc.parent, "out").read_text()
+
+    def test_a_detached_process_needs_a_running_container(self, runtime: Runtime) -> None:
+        spec = self.spec(berth_dir=True)
+        runtime.create(spec)
+        with pytest.raises(RuntimeFailure):
+            runtime.exec_detached(spec.berth_id, ExecSpec(command=SLEEPER))
+        with pytest.raises(SandboxNotFound):
+            runtime.exec_detached(uuid.uuid4().hex[:12], ExecSpec(command=SLEEPER))
+
     # ---------------------------------------------------------------- shared directory
 
     def test_berth_dir_is_shared_both_ways(self, runtime: Runtime) -> None:

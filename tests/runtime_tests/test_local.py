@@ -29,7 +29,7 @@ from berthd.runtime.base import (
 from berthd.runtime.local import LocalRuntime
 from berthd.runtime.security import build_policy
 from tests.conftest import missing
-from tests.runtime_tests.contract import Notices, RuntimeContract, wait_until
+from tests.runtime_tests.contract import SLEEPER, Notices, RuntimeContract, wait_until
 
 AS_ROOT = os.geteuid() == 0
 REPO = Path(__file__).resolve().parents[2]
@@ -69,6 +69,57 @@ class _LocalContract(RuntimeContract):
             os.kill(pid, signal.SIGKILL)  # the outer bwrap: the sandbox dies with it
         else:
             os.killpg(pid, signal.SIGKILL)
+
+    # ---------------------------------------------------------------- detached processes
+
+    def _leftovers(self, berth_id: str, uid: object) -> list[str]:
+        """Processes of this container still on the host (ps): by path, and by its uid."""
+        listing = subprocess.run(["ps", "-eo", "uid=,stat=,args="], capture_output=True, text=True)
+        found = []
+        for line in listing.stdout.splitlines():
+            owner, stat, args = (line.split(None, 2) + ["", ""])[:3]
+            if stat.startswith("Z"):
+                continue
+            if os.path.join(self.root, berth_id) in args or (uid is not None and owner == str(uid)):
+                found.append(line)
+        return found
+
+    def test_detached_processes_leave_nothing_behind(self, runtime: Runtime) -> None:
+        for end in ("stop", "remove"):
+            berth_id = self.running(runtime, berth_dir=True)
+            spec = json.loads(Path(self.root, berth_id, "spec.json").read_text())
+            runtime.exec_detached(berth_id, ExecSpec(command=("sh", "-c", self.BEAT)))
+            read = self.beats(runtime, berth_id)
+            assert wait_until(lambda: read() > 0)  # noqa: B023 - used at once
+            [own] = os.listdir(Path(self.root, berth_id, "detached"))
+            state = json.loads(Path(self.root, berth_id, "detached", own, "state.json").read_text())
+            for procs in spec.get("cgroup_procs") or ():  # the container's cgroups hold it
+                assert str(state["pid"]) in Path(procs).read_text().split()
+            # a restarted daemon (a new runtime on the same root) still ends it
+            other = LocalRuntime(self.root, self.node_id, use_bwrap=self.use_bwrap)
+            try:
+                if end == "stop":
+                    other.stop(berth_id, timeout=2)
+                else:
+                    other.remove(berth_id, force=True)
+            finally:
+                other.close()
+            assert wait_until(lambda: not self._leftovers(berth_id, spec.get("uid"))), (  # noqa: B023
+                self._leftovers(berth_id, spec.get("uid"))
+            )
+
+    def test_a_detached_process_stays_out_of_the_watch(self, runtime: Runtime) -> None:
+        notices = Notices()
+        runtime.watch(notices)
+        berth_id = self.running(runtime, berth_dir=True)
+        detached = Path(self.root, berth_id, "detached")
+        runtime.exec_detached(berth_id, ExecSpec(command=("true",)))
+        assert wait_until(lambda: any(Path(detached, d, "exit.json").exists() for d in os.listdir(detached)))
+        assert [s.berth_id for s in runtime.list_managed(self.node_id)] == [berth_id]
+        assert not wait_until(lambda: bool(notices.for_id(berth_id)), timeout=self.duplicate_window)
+        assert runtime.inspect(berth_id).state == "running"
+        runtime.exec_detached(berth_id, ExecSpec(command=SLEEPER))
+        assert len(os.listdir(detached)) == 1  # the one that ended is forgotten
 
     # ---------------------------------------------------------------- the host image
 

@@ -32,8 +32,9 @@ class ContainerCollection:
         cmd = decode_body(req, c.CreateContainer, self.deps.limits.max_body_bytes)
         check_security(self.deps, cmd)
         ctx = context_of(req)
-        # on Docker every container gets a shared directory, so a kernel can join it later
-        berth_dir = (cmd.runtime or self.deps.default_runtime) == "docker"
+        # a shared directory wherever a kernel can join the container later (detached execs)
+        runtime = self.deps.runtimes.get(cmd.runtime or self.deps.default_runtime)
+        berth_dir = runtime is not None and runtime.detached_execs
         reply = outcome(self.deps, self.deps.supervisor.create_container(
             cmd, ctx, output_cap=self.deps.limits.output_cap_bytes, berth_dir=berth_dir))
         send_json(resp, container_view(fresh_container(self.deps, reply)), falcon.HTTP_201)
@@ -203,6 +204,9 @@ def check_security(deps: Deps, cmd: c.CreateContainer) -> None:
         runtime.security.resolve_mounts(rt.Mount(m.host_path, m.container_path, m.mode) for m in cmd.mounts)
     except rt.RuntimeError_ as exc:
         raise map_runtime_error(exc) from exc
+    if runtime.name == "local" and not cmd.command:
+        raise ValidationError("the local runtime's 'host' image has no default command: give 'command'",
+                              field="command")
     if cmd.ports and not profile.network:
         raise ValidationError(
             f"ports need a network; profile {profile.name!r} has none (use 'networked')", field="ports")
