@@ -20,14 +20,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor, Future, InvalidStateError
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import Any
 
 import pykka
 
 from berthd.actors._stream import append_evolved, append_evolved_async, when_durable
-from berthd.actors.context import SYSTEM, Clock, CommandContext, Reply, new_id, rfc3339
+from berthd.actors.context import SYSTEM, Clock, CommandContext, Reply, new_id, rfc3339, settle
 from berthd.domain import container as c
 from berthd.domain.base import Command, Event
 from berthd.domain.errors import (
@@ -608,16 +608,7 @@ class ContainerActor(pykka.ThreadingActor):
 
 
 def _settle(future: Future[Reply] | None, reply: Reply | None, error: BaseException | None) -> None:
-    """Complete the caller's future once (it may have been failed already)."""
-    if future is None or future.done():
-        return
-    try:
-        if error is not None:
-            future.set_exception(_as_error(error))
-        else:
-            future.set_result(reply)  # type: ignore[arg-type]
-    except InvalidStateError:  # completed meanwhile on another thread
-        pass
+    settle(future, reply, error, _as_error)
 
 
 def _as_error(exc: BaseException) -> BaseException:

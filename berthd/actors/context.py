@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from berthd.domain.base import Meta
 
-__all__ = ["Clock", "CommandContext", "Reply", "SYSTEM", "new_id", "rfc3339", "system_clock"]
+__all__ = ["Clock", "CommandContext", "Reply", "SYSTEM", "new_id", "rfc3339", "settle", "system_clock"]
 
 Clock = Callable[[], datetime]
 """Returns the current time (UTC, aware). Tests pass a frozen one."""
@@ -58,3 +59,18 @@ class Reply:
     position: int
     state: Any
     result: Any = None
+
+
+def settle(future: Future[Any] | None, reply: Any, error: BaseException | None,
+           as_error: Callable[[BaseException], BaseException]) -> None:
+    """Complete a caller's future once: it may have been completed already, on another
+    thread (a commit callback and the actor can race to answer)."""
+    if future is None or future.done():
+        return
+    try:
+        if error is not None:
+            future.set_exception(as_error(error))
+        else:
+            future.set_result(reply)
+    except InvalidStateError:
+        pass

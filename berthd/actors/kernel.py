@@ -42,7 +42,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import Executor, Future, InvalidStateError
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,7 +58,7 @@ from berthd.actors._stream import (
     when_durable,
 )
 from berthd.actors.container import map_runtime_error
-from berthd.actors.context import SYSTEM, Clock, CommandContext, Reply, new_id, rfc3339
+from berthd.actors.context import SYSTEM, Clock, CommandContext, Reply, new_id, rfc3339, settle
 from berthd.actors.supervisor import Supervisor
 from berthd.domain import container as c
 from berthd.domain import kernel as k
@@ -894,16 +894,7 @@ def kernel_result(result_id: str, r: ExecutionResult) -> KernelResult:
 
 
 def _settle(future: Future[Reply] | None, reply: Reply | None, error: BaseException | None) -> None:
-    """Complete the caller's future once (it may have been failed already)."""
-    if future is None or future.done():
-        return
-    try:
-        if error is not None:
-            future.set_exception(_as_error(error))
-        else:
-            future.set_result(reply)  # type: ignore[arg-type]
-    except InvalidStateError:  # completed meanwhile on another thread
-        pass
+    settle(future, reply, error, _as_error)
 
 
 def _started(extra: dict[str, Any]) -> None:
