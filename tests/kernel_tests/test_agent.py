@@ -143,6 +143,32 @@ def test_sigterm_stops_agent_and_interpreter(hosts: HostAgents) -> None:
     assert not os.path.exists(f"/proc/{worker}") and not os.path.exists(f"/proc/{child}")
 
 
+def _zombie_or_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+@pytest.mark.parametrize("language", ["python", "bash"])
+def test_no_worker_outlives_an_agent_killed_with_sigkill(hosts: HostAgents, language: str) -> None:
+    """SIGKILL leaves the agent no chance to clean up: its worker must still end (the
+    worker's parent-death signal), not spin on a dead control pipe."""
+    path = hosts.start(language)
+    with AgentClient.connect(path, timeout=15) as client:
+        worker = client.info().worker_pid
+        assert worker is not None and not _zombie_or_gone(worker)
+        client.execute("x = 1" if language == "python" else "X=1")
+    agent = hosts.processes[0]
+    agent.send_signal(signal.SIGKILL)
+    agent.wait(timeout=10)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not _zombie_or_gone(worker):
+        time.sleep(0.02)
+    assert _zombie_or_gone(worker), f"the {language} worker {worker} outlived its agent"
+
+
 def test_a_missing_shell_is_a_dead_kernel(hosts: HostAgents) -> None:
     path = hosts.start("bash", extra=("--shell", "no-such-shell-berth"))
     with AgentClient.connect(path, timeout=15) as client:
