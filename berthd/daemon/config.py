@@ -84,6 +84,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     node_id: str = ""  # default: generated once and kept in DATA_DIR/node-id
     sandbox_dir: str = ""  # local runtime root; default DATA_DIR/sandboxes, as root /var/lib/berthd/sandboxes/NODE
     passivate_after: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+    # executions that may wait in one kernel or session (a waiting HTTP execute holds a
+    # server thread); beyond it 429 QUEUE_FULL
+    queue_depth: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 64
     pool_size: Annotated[int, msgspec.Meta(ge=0, le=64)] = 2  # warm sandboxes per (runtime, image, profile)
     pool_image: str = ""  # /v1/run's default image: "" = host on local, busybox:latest on docker
     kernel_image: str = ""  # default image of a kernel's sandbox: "" = python:3.11-slim on docker, host on local

@@ -156,7 +156,7 @@ class Daemon:
                            for name in runtimes},
             find_container=containers.get, name_taken=kernels_view.name_taken,
             kernel_of_container=kernels_view.kernel_of, output_cap=cfg.limits.output_cap_bytes,
-            passivate_after=cfg.passivate_after,
+            passivate_after=cfg.passivate_after, queue_depth=cfg.queue_depth,
         )
         supervisor.exit_listeners.append(kernels.on_container_exit)
         self._push("kernels", kernels.stop)
@@ -168,6 +168,7 @@ class Daemon:
             ended=sessions_view.ended, kernel_view=kernels_view.get,
             passivate_after=cfg.passivate_after,
             output_cap=cfg.limits.output_cap_bytes, tick=self.session_tick,
+            queue_depth=cfg.queue_depth,
         )
         self._push("sessions", sessions.stop)
         sessions.start()  # sessions due while the daemon was down expire now; the timer does the rest

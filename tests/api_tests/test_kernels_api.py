@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import requests
 from websockets.sync.client import ClientConnection, connect
 
 from tests.daemon_process import DaemonProcess
@@ -349,6 +350,36 @@ def test_kernel_state_survives_sigkill(name: str, tmp_path: pathlib.Path, reques
         stored = wait_for(lambda: (s := d.get(f"/v1/results/{result_id}").json()).get("status", "running") != "running" and s, 20)
         assert stored["status"] == "ok" and stored["stdout"] == "begun\ndone\n" and stored["return_value"] == "41", stored
         assert execute(d, kid, "x + 1")["return_value"] == "42"
+        d.delete(f"/v1/kernels/{kid}")
+    finally:
+        d.stop()
+
+
+def test_the_queue_depth_comes_from_the_config(tmp_path: pathlib.Path) -> None:
+    config = tmp_path / "berthd.toml"
+    config.write_text("queue_depth = 1\n")
+    d = DaemonProcess(tmp_path / "data", runtime="local", args=("--config", str(config))).start()
+    try:
+        kid = d.post("/v1/kernels", {"language": "python", "image": "host"}).json()["id"]
+        answers: list[requests.Response] = []
+        slow = threading.Thread(target=lambda: answers.append(
+            d.post(f"/v1/kernels/{kid}/execute", {"code": "import time\ntime.sleep(3)"})))
+        slow.start()
+        assert wait_for(lambda: d.get(f"/v1/kernels/{kid}").json()["status"] == "busy")
+        queued = threading.Thread(target=lambda: answers.append(
+            d.post(f"/v1/kernels/{kid}/execute", {"code": "1"})))
+        queued.start()
+        deadline = time.monotonic() + 10
+        while True:  # the second one waits in the queue of 1, so a third is refused
+            refused = d.post(f"/v1/kernels/{kid}/execute", {"code": "2"})
+            if refused.status_code == 429 or time.monotonic() > deadline:
+                break
+            answers.append(refused)
+            time.sleep(0.05)
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "QUEUE_FULL", refused.text
+        slow.join(30)
+        queued.join(30)
+        assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
         d.delete(f"/v1/kernels/{kid}")
     finally:
         d.stop()
