@@ -205,7 +205,10 @@ class SessionActor(EntityActor):
         if isinstance(command, (se.CloseSession, se.ExpireSession)):
             if ended:  # the answer waits for the kernel and its sandbox to be gone
                 self._end_queue()
-                self._run(self._destroy_kernel(ctx), lambda _v, _e: future.set_result(self._reply()), future)
+                # the answer's position covers the kernel's destroy too: a client that reads
+                # the kernel after the close sees it destroyed (read-your-writes)
+                self._run(self._destroy_kernel(ctx), lambda at, _e: future.set_result(
+                    Reply(max(self.position, at or 0), self.state)), future)
             else:
                 future.set_result(self._reply())
             return
@@ -338,19 +341,21 @@ class SessionActor(EntityActor):
 
         self._run(open_kernel, _guarded_future(then, future), future)
 
-    def _destroy_kernel(self, ctx: CommandContext, kernel_id: str | None = None) -> Callable[[], None]:
+    def _destroy_kernel(self, ctx: CommandContext, kernel_id: str | None = None) -> Callable[[], int]:
         kid = kernel_id or (self.state.kernel_id if self.state is not None else None)
         kernels, wait = self.kernels, self.wait
 
-        def destroy() -> None:
+        def destroy() -> int:
+            """The log position of the kernel's destroy (0 when there was nothing to do)."""
             if kid is None:
-                return
+                return 0
             try:
-                kernels.kernel_command(kid, k.DestroyKernel(), ctx).result(wait)
+                return kernels.kernel_command(kid, k.DestroyKernel(), ctx).result(wait).position
             except (KernelNotFound, Conflict) as exc:  # already destroyed
                 log.debug("session kernel %s: %s", kid, exc)
             except Exception:
                 log.exception("session %s: could not destroy its kernel %s", self.stream_id, kid)
+            return 0
 
         return destroy
 
