@@ -3,8 +3,10 @@ read-your-writes (answer from the projection once it has reached the write)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, TypeVar
 
 import falcon
 
@@ -13,6 +15,8 @@ from berthd.domain import container as c
 from berthd.domain.errors import BerthdError, ContainerNotFound, RuntimeUnavailable
 from berthd.http.auth import Principal
 from berthd.http.deps import Deps
+
+T = TypeVar("T")
 
 __all__ = ["context_of", "outcome", "fresh_container", "find_container"]
 
@@ -51,3 +55,12 @@ def fresh_container(deps: Deps, reply: Reply) -> c.ContainerState:
         if view is not None and view.version >= state.version:
             return view
     return state
+
+
+def owned_page(rows: Iterable[T], ctx: CommandContext, keep: Callable[[T], bool],
+               limit: int, offset: int) -> tuple[list[T], int]:
+    """One page of a list endpoint: what the caller may see (its own, or everything for an
+    admin) and ``keep`` accepts, oldest first; and how many there are in all."""
+    owned: Any = [r for r in rows if (ctx.is_admin or getattr(r, "owner", None) == ctx.owner) and keep(r)]
+    owned.sort(key=lambda r: (r.created_at, r.id))
+    return owned[offset:offset + limit], len(owned)

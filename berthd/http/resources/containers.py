@@ -13,7 +13,13 @@ from berthd.domain import container as c
 from berthd.domain.base import Command
 from berthd.domain.errors import Conflict, ValidationError
 from berthd.http.deps import Deps
-from berthd.http.resources._common import context_of, find_container, fresh_container, outcome
+from berthd.http.resources._common import (
+    context_of,
+    find_container,
+    fresh_container,
+    outcome,
+    owned_page,
+)
 from berthd.http.views import ContainerList, ExecView, RemovedView, container_view
 from berthd.http.wire import decode_body, query_int, read_body, send_json
 from berthd.runtime import base as rt
@@ -52,15 +58,12 @@ class ContainerCollection:
                 raise ValidationError("label filters look like key or key=value", field="label")
             labels.append((key, value if sep else None))
         ctx = context_of(req)
-        rows = [
-            s for s in self.deps.containers.all()
-            if (ctx.is_admin or s.owner == ctx.owner)
-            and (s.status == status if status else s.status not in c.FINAL)
-            and all(k in s.labels and (v is None or s.labels[k] == v) for k, v in labels)
-        ]
-        rows.sort(key=lambda s: (s.created_at, s.id))
-        page = rows[offset:offset + limit]
-        send_json(resp, ContainerList([container_view(s) for s in page], len(rows), limit, offset))
+        page, total = owned_page(
+            self.deps.containers.all(), ctx,
+            lambda s: (s.status == status if status else s.status not in c.FINAL)
+            and all(k in s.labels and (v is None or s.labels[k] == v) for k, v in labels),
+            limit, offset)
+        send_json(resp, ContainerList([container_view(s) for s in page], total, limit, offset))
 
 
 class ContainerItem:

@@ -22,7 +22,7 @@ from berthd.domain import kernel as k
 from berthd.domain.errors import KernelNotFound, ResultNotFound, RuntimeUnavailable, ValidationError
 from berthd.http.deps import Deps
 from berthd.http.precondition import set_etag
-from berthd.http.resources._common import context_of, outcome
+from berthd.http.resources._common import context_of, outcome, owned_page
 from berthd.http.resources.containers import check_profile
 from berthd.http.views import KernelList, ResultView, kernel_view
 from berthd.http.wire import decode_body, query_int, send_json
@@ -99,14 +99,10 @@ class KernelCollection:
         if status is not None and status not in STATUSES:
             raise ValidationError(f"status must be one of {', '.join(STATUSES)}", field="status")
         ctx = context_of(req)
-        rows = [
-            s for s in self.deps.kernels_view.all()
-            if (ctx.is_admin or s.owner == ctx.owner)
-            and (s.status == status if status else s.status not in k.FINAL)
-        ]
-        rows.sort(key=lambda s: (s.created_at, s.id))
-        page = rows[offset:offset + limit]
-        send_json(resp, KernelList([kernel_view(s) for s in page], len(rows), limit, offset))
+        page, total = owned_page(self.deps.kernels_view.all(), ctx,
+                                 lambda s: s.status == status if status else s.status not in k.FINAL,
+                                 limit, offset)
+        send_json(resp, KernelList([kernel_view(s) for s in page], total, limit, offset))
 
 
 class KernelItem:

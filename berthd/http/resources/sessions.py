@@ -23,7 +23,7 @@ from berthd.domain import session as se
 from berthd.domain.errors import RuntimeUnavailable, SessionNotFound, ValidationError
 from berthd.http.deps import Deps
 from berthd.http.precondition import set_etag
-from berthd.http.resources._common import context_of, outcome
+from berthd.http.resources._common import context_of, outcome, owned_page
 from berthd.http.resources.containers import check_profile
 from berthd.http.resources.kernels import queued_outcome
 from berthd.http.views import ResultView
@@ -153,13 +153,9 @@ class SessionCollection:
         if status is not None and status not in STATUSES:
             raise ValidationError(f"status must be one of {', '.join(STATUSES)}", field="status")
         ctx = context_of(req)
-        rows = [
-            s for s in self.deps.sessions_view.all()
-            if (ctx.is_admin or s.owner == ctx.owner) and (status is None or s.status == status)
-        ]
-        rows.sort(key=lambda s: (s.created_at, s.id))
-        page = rows[offset:offset + limit]
-        send_json(resp, SessionList([session_view(s) for s in page], len(rows), limit, offset))
+        page, total = owned_page(self.deps.sessions_view.all(), ctx,
+                                 lambda s: status is None or s.status == status, limit, offset)
+        send_json(resp, SessionList([session_view(s) for s in page], total, limit, offset))
 
 
 class SessionItem:
