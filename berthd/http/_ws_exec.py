@@ -30,12 +30,14 @@ import queue
 import signal as _signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import msgspec
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
+from berthd.actors import new_id
 from berthd.actors.container import ExecOutcome
 from berthd.actors.context import Reply
 from berthd.domain.container import ExecInContainer
@@ -451,3 +453,32 @@ async def serve_exec(shared: Shared, ws: ServerConnection, hs: Handshake) -> Non
             task.cancel()
         await asyncio.gather(inputs, closed, return_exceptions=True)
         outcome.cancel()  # detaches this waiter only; the actor still records the end
+
+
+async def run_announced(
+    shared: Shared, ws: ServerConnection,
+    submit: Callable[[str, threading.Event], concurrent.futures.Future[Reply]],
+    announced: threading.Event, listener: asyncio.Task[None],
+) -> Reply | None:
+    """Run one execution for a WebSocket client (kernel or session): ``submit(result_id,
+    started)`` hands it to its actor; once it has its turn (``started``: the intent is on
+    the log, so the id can be attached to, even after a restart) the client gets
+    ``{"type": "started", "result_id"}`` first, then ``announced`` lets the output frames
+    through. Answers the actor's reply, or None when the client left first (the actor
+    still records the result)."""
+    result_id = new_id()
+    started = threading.Event()  # executions run one at a time: this one may wait its turn
+    try:
+        future = await shared.blocking(submit, result_id, started)
+        future.add_done_callback(lambda _f: started.set())
+        await shared.blocking(started.wait)
+        if not (future.done() and future.exception() is not None):
+            await ws.send(encode({"type": "started", "result_id": result_id}), text=True)
+    finally:
+        announced.set()
+    outcome = _settled_on(shared.loop, future)
+    await asyncio.wait((outcome, listener), return_when=asyncio.FIRST_COMPLETED)
+    if not outcome.done():
+        outcome.cancel()
+        return None
+    return outcome.result()

@@ -29,7 +29,7 @@ import msgspec
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from berthd.actors import CommandContext, new_id
+from berthd.actors import CommandContext
 from berthd.actors.context import Reply
 from berthd.actors.kernel import KernelResult, kernel_result, result_of
 from berthd.domain import kernel as k
@@ -46,7 +46,7 @@ from berthd.http._ws_common import (
     fail,
     validation_error,
 )
-from berthd.http._ws_exec import _settled_on
+from berthd.http._ws_exec import run_announced
 from berthd.http.deps import Deps
 from berthd.http.resources.kernels import capped_execute, find_kernel, kernels_of, result_view
 from berthd.kernel import AgentClient, KernelError, UnknownExecution, locate_agent
@@ -126,31 +126,18 @@ async def _execute(shared: Shared, ws: ServerConnection, deps: Deps, ctx: Comman
                    state: k.KernelState,
                    cmd: k.ExecuteCode, on_output: Callable[[str, str], None],
                    listener: asyncio.Task[None]) -> KernelResult | None:
-    result_id = new_id()
     announced = threading.Event()
 
     def output_after_started(stream: str, text: str) -> None:
         announced.wait(FIRST_FRAME_TIMEOUT)  # the "started" frame goes first
         on_output(stream, text)
 
-    started = threading.Event()  # executions run one at a time: this one may wait its turn
-    try:
-        future: concurrent.futures.Future[Reply] = await shared.blocking(
-            kernels_of(deps).kernel_command, state.id, cmd, ctx, on_output=output_after_started,
-            result_id=result_id, started=started)
-        future.add_done_callback(lambda _f: started.set())
-        await shared.blocking(started.wait)
-        if not (future.done() and future.exception() is not None):
-            # the intent is on the log now: the id can be attached to, even after a restart
-            await ws.send(encode({"type": "started", "result_id": result_id}), text=True)
-    finally:
-        announced.set()
-    outcome = _settled_on(shared.loop, future)
-    await asyncio.wait((outcome, listener), return_when=asyncio.FIRST_COMPLETED)
-    if not outcome.done():  # the client left; the actor still records the result
-        outcome.cancel()
-        return None
-    result: KernelResult = outcome.result().result
+    def submit(result_id: str, started: threading.Event) -> concurrent.futures.Future[Reply]:
+        return kernels_of(deps).kernel_command(state.id, cmd, ctx, on_output=output_after_started,
+                                               result_id=result_id, started=started)
+
+    reply = await run_announced(shared, ws, submit, announced, listener)
+    result: KernelResult | None = reply.result if reply is not None else None
     return result
 
 

@@ -26,7 +26,6 @@ import msgspec
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from berthd.actors import new_id
 from berthd.actors.context import Reply
 from berthd.domain import session as se
 from berthd.domain.errors import BerthdError, ValidationError
@@ -41,7 +40,7 @@ from berthd.http._ws_common import (
     fail,
     validation_error,
 )
-from berthd.http._ws_exec import _settled_on
+from berthd.http._ws_exec import run_announced
 from berthd.http.resources.sessions import (
     capped_timeout,
     find_session,
@@ -93,24 +92,13 @@ async def serve_session(shared: Shared, ws: ServerConnection, hs: Handshake) -> 
 
     listener = asyncio.create_task(discard_incoming(ws))
     try:
-        result_id = new_id()
-        started = threading.Event()
-        try:
-            future: concurrent.futures.Future[Reply] = await shared.blocking(
-                sessions_of(deps).session_command, state.id, cmd, ctx, started=started,
-                result_id=result_id, on_output=on_output)
-            future.add_done_callback(lambda _f: started.set())
-            await shared.blocking(started.wait)
-            if not (future.done() and future.exception() is not None):
-                await ws.send(encode({"type": "started", "result_id": result_id}), text=True)
-        finally:
-            announced.set()
-        outcome = _settled_on(shared.loop, future)
-        await asyncio.wait((outcome, listener), return_when=asyncio.FIRST_COMPLETED)
-        if not outcome.done():  # the client left; the actor still records the result
-            outcome.cancel()
+        def submit(result_id: str, started: threading.Event) -> concurrent.futures.Future[Reply]:
+            return sessions_of(deps).session_command(state.id, cmd, ctx, started=started,
+                                                     result_id=result_id, on_output=on_output)
+
+        reply = await run_announced(shared, ws, submit, announced, listener)
+        if reply is None:  # the client left; the actor still records the result
             return
-        reply = outcome.result()
         frame = {"type": "result", **msgspec.structs.asdict(session_result_view(reply))}
         await ws.send(encode(frame), text=True)
         await ws.close()
