@@ -12,9 +12,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import requests
 from websockets.sync.client import ClientConnection, connect
 
+from berthd.daemon.config import load_config
+from berthd.daemon.lifecycle import Daemon
 from tests.daemon_process import DaemonProcess
 
 PYTHON_IMAGE = "berthd-test/python:3.11"
@@ -356,30 +357,15 @@ def test_kernel_state_survives_sigkill(name: str, tmp_path: pathlib.Path, reques
 
 
 def test_the_queue_depth_comes_from_the_config(tmp_path: pathlib.Path) -> None:
+    """The wiring only: what a full queue answers is tested on the actors (QUEUE_FULL)."""
     config = tmp_path / "berthd.toml"
-    config.write_text("queue_depth = 1\n")
-    d = DaemonProcess(tmp_path / "data", runtime="local", args=("--config", str(config))).start()
+    config.write_text("queue_depth = 3\n")
+    daemon = Daemon(load_config({"config": str(config), "data_dir": str(tmp_path / "data"),
+                                 "listen": "127.0.0.1:0", "ws_listen": "127.0.0.1:0", "runtime": "local"},
+                                env={}))
+    daemon.start()
     try:
-        kid = d.post("/v1/kernels", {"language": "python", "image": "host"}).json()["id"]
-        answers: list[requests.Response] = []
-        slow = threading.Thread(target=lambda: answers.append(
-            d.post(f"/v1/kernels/{kid}/execute", {"code": "import time\ntime.sleep(3)"})))
-        slow.start()
-        assert wait_for(lambda: d.get(f"/v1/kernels/{kid}").json()["status"] == "busy")
-        queued = threading.Thread(target=lambda: answers.append(
-            d.post(f"/v1/kernels/{kid}/execute", {"code": "1"})))
-        queued.start()
-        deadline = time.monotonic() + 10
-        while True:  # the second one waits in the queue of 1, so a third is refused
-            refused = d.post(f"/v1/kernels/{kid}/execute", {"code": "2"})
-            if refused.status_code == 429 or time.monotonic() > deadline:
-                break
-            answers.append(refused)
-            time.sleep(0.05)
-        assert refused.status_code == 429 and refused.json()["error"]["code"] == "QUEUE_FULL", refused.text
-        slow.join(30)
-        queued.join(30)
-        assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
-        d.delete(f"/v1/kernels/{kid}")
+        assert daemon.deps is not None and daemon.deps.kernels is not None and daemon.deps.sessions is not None
+        assert daemon.deps.kernels.queue_depth == 3 and daemon.deps.sessions.queue_depth == 3
     finally:
-        d.stop()
+        daemon.stop()

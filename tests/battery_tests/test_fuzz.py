@@ -63,5 +63,13 @@ def test_schemathesis_finds_no_server_error(figures: Callable[[str], None], daem
     passed = re.search(r"(\d+) generated, (\d+) passed", out)
     figures(f"schemathesis: {generated.group(1) if generated else '?'} cases generated, "
             f"{passed.group(2) if passed else '?'} passed, seed {seed.group(1) if seed else '?'}")
-    assert run.returncode == 0, out[-20000:]
+    # A failure found (any 5xx) fails the test. schemathesis' own internal errors (seen once:
+    # a SystemError inside its coverage generator) are reported, but do not fail it when
+    # every generated case passed and there were enough of them.
+    assert "Server error" not in out and "ST101" not in out, out[-20000:]
+    assert passed and passed.group(1) == passed.group(2), out[-20000:]
+    assert run.returncode == 0 or "Runtime Error" in out, out[-20000:]
+    if run.returncode != 0:
+        figures("schemathesis reported an internal error of its own (not a server answer): "
+                + out[out.find("Runtime Error"):][:200].replace("\n", " "))
     assert generated and int(generated.group(1)) >= CASES, f"only {generated and generated.group(1)} cases"
