@@ -70,7 +70,11 @@ def queued_outcome(deps: Deps, future: Future[Reply], started: threading.Event, 
     every execution capped), then at most ``run_for`` seconds once it has started."""
     while not started.wait(0.5) and not future.done():
         pass
-    return outcome(deps, future, timeout=run_for)
+    reply = outcome(deps, future, timeout=run_for)
+    # read-your-writes: the answer may come straight from the commit, before the views have
+    # it; a GET right after must show this execution (execution_count, last_activity)
+    deps.runner.wait_for(reply.position, deps.limits.read_your_writes_timeout)
+    return reply
 
 
 def result_view(r: KernelResult, kernel_id: str) -> ResultView:
