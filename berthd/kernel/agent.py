@@ -1698,7 +1698,7 @@ class _Run:
         self.cap = cap
         self.started = time.monotonic()
         self.deadline = self.started + timeout if timeout else None
-        self.output = {"stdout": bytearray(), "stderr": bytearray()}
+        self.sent = {"stdout": 0, "stderr": 0}  # bytes kept (and sent) per stream
         self.truncated = False
         self.fds = {proc.stdout.fileno(): "stdout", proc.stderr.fileno(): "stderr"}
         self.stdin_fd = proc.stdin.fileno() if proc.stdin is not None else -1
@@ -1708,13 +1708,14 @@ class _Run:
         self.timed_out = False
         self.stop_reading_at: float | None = None
 
-    def add(self, stream: str, data: bytes) -> None:
-        kept = self.output[stream]
-        room = self.cap - len(kept)
+    def add(self, stream: str, data: bytes) -> bytes:
+        """Keep ``data`` within the cap; returns what was kept (to be sent on)."""
+        room = self.cap - self.sent[stream]
         if len(data) > room:
             self.truncated = True
             data = data[: max(0, room)]
-        kept += data
+        self.sent[stream] += len(data)
+        return data
 
     def exit_code(self) -> int | None:
         if self.status is None:
@@ -1747,8 +1748,9 @@ class ExecServer:
     ``{"op": "run", "id", "argv": [str], "env"?: {str: str}, "workdir"?: str|null,
     "stdin"?: base64|null, "timeout"?: seconds|null, "output_cap"?: bytes,
     "kill_on_exit"?: bool}``
-        -> ``{"type": "result", "id", "exit_code", "stdout": base64, "stderr": base64,
-        "truncated", "timed_out", "duration_ms"}``, or ``{"type": "error", "id", "code":
+        -> ``{"type": "output", "id", "stream": "stdout"|"stderr", "data": base64}``
+        as the command writes (within ``output_cap``), then ``{"type": "result", "id",
+        "exit_code", "truncated", "timed_out", "duration_ms"}``, or ``{"type": "error", "id", "code":
         "spawn_failed"|"bad_request", "message"}`` when nothing was started. The command
         runs in a session of its own with the agent's environment (as the runtime gave
         it) updated by ``env``; stdin is ``/dev/null`` unless given. Each stream keeps
@@ -1982,10 +1984,18 @@ class ExecServer:
         except OSError:
             data = b""
         if data:
-            run.add(run.fds[fd], data)
+            self._output(run, run.fds[fd], data)
             return
         self._close_fd(run, fd)
         self._maybe_finish(run)
+
+    def _output(self, run: _Run, stream: str, data: bytes) -> None:
+        """Output is sent as it comes, not with the result: when the agent dies (its
+        container was killed, say) the daemon still has what the command wrote."""
+        kept = run.add(stream, data)
+        if kept:
+            self._send({"type": "output", "id": run.id, "stream": stream,
+                        "data": self._b64.b64encode(kept).decode()})
 
     def _on_stdin(self, fileobj: Any, mask: int) -> None:
         run = self._run_of_fd(int(fileobj))
@@ -2061,7 +2071,7 @@ class ExecServer:
                     break
                 if not data:
                     break
-                run.add(run.fds[fd], data)
+                self._output(run, run.fds[fd], data)
             self._close_fd(run, fd)
         self._close_stdin(run)
         self.runs.pop(run.pid, None)
@@ -2073,8 +2083,6 @@ class ExecServer:
                 "type": "result",
                 "id": run.id,
                 "exit_code": run.exit_code(),
-                "stdout": self._b64.b64encode(bytes(run.output["stdout"])).decode(),
-                "stderr": self._b64.b64encode(bytes(run.output["stderr"])).decode(),
                 "truncated": run.truncated,
                 "timed_out": run.timed_out,
                 "duration_ms": round((time.monotonic() - run.started) * 1000, 3),

@@ -20,8 +20,11 @@ and decides, per exec, which way it goes:
 * the agent could not start the command (a missing executable or working directory):
   nothing ran, so the runtime exec runs it and gives the runtime's exact answer;
 * the agent died or its stream broke: before the request was sent, the runtime exec;
-  after it, ``RuntimeFailure`` (the command's outcome is unknown) — never a made-up
-  result. The next exec starts a new agent.
+  after it, what a runtime exec answers when its container is killed under it: exit code
+  137 with the output written so far (the agent sends output as it comes, so the daemon
+  has it). That is what happened: the agent's guardian SIGKILLs the commands of an agent
+  that ends. When the runtime itself is unreachable, ``RuntimeUnavailable`` instead. The
+  next exec starts a new agent.
 
 The agent lives only as long as its stream: when the daemon closes it (``forget``) the
 agent sees end-of-file, kills what it runs and exits; when the daemon dies, the agent
@@ -35,10 +38,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
 import os
+import signal
 import threading
 import time
 import weakref
@@ -47,9 +52,16 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from berthd.kernel.launch import exec_agent_command, exec_agent_payload
-from berthd.runtime.base import ExecResult, ExecSpec, ExecStream, Runtime, RuntimeFailure
+from berthd.runtime.base import (
+    ExecResult,
+    ExecSpec,
+    ExecStream,
+    Runtime,
+    RuntimeFailure,
+    SandboxNotFound,
+)
 
-__all__ = ["ExecAgent", "ExecAgents", "NotRun", "exec_agents"]
+__all__ = ["AgentLost", "ExecAgent", "ExecAgents", "NotRun", "exec_agents"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +77,25 @@ class NotRun(Exception):
     """The agent did not start the command (nothing ran): the runtime exec may."""
 
 
+class AgentLost(Exception):
+    """The agent ended while the command ran; ``partial`` is what it wrote until then."""
+
+    def __init__(self, reason: str, partial: ExecResult) -> None:
+        super().__init__(reason)
+        self.partial = partial
+
+
+class _Run:
+    """A command sent to the agent: its answer to come, and its output so far."""
+
+    __slots__ = ("future", "stdout", "stderr")
+
+    def __init__(self) -> None:
+        self.future: Future[dict[str, Any]] = Future()
+        self.stdout = bytearray()
+        self.stderr = bytearray()
+
+
 class ExecAgent:
     """One exec agent on its held stream; thread-safe."""
 
@@ -73,7 +104,7 @@ class ExecAgent:
         self._stream = stream
         self._write_lock = threading.Lock()
         self._lock = threading.Lock()  # _pending and _dead
-        self._pending: dict[int, Future[dict[str, Any]]] = {}
+        self._pending: dict[int, _Run] = {}
         self._ids = itertools.count(1)
         self._dead: str | None = None
         self._hello: Future[dict[str, Any]] = Future()
@@ -111,10 +142,10 @@ class ExecAgent:
 
     def run(self, spec: ExecSpec, *, kill_on_exit: bool = False) -> ExecResult:
         """Run ``spec`` through the agent. ``NotRun``: nothing ran (use the runtime
-        exec); ``RuntimeFailure``: the agent went away while the command ran."""
+        exec); ``AgentLost``: the agent went away while the command ran."""
         started = time.monotonic()
         run_id = next(self._ids)
-        future: Future[dict[str, Any]] = Future()
+        pending = _Run()
         request: dict[str, Any] = {"op": "run", "id": run_id, "argv": list(spec.command),
                                    "output_cap": max(0, spec.output_cap)}
         if spec.env:
@@ -131,7 +162,7 @@ class ExecAgent:
         with self._lock:
             if self._dead is not None:
                 raise NotRun(self._dead)
-            self._pending[run_id] = future
+            self._pending[run_id] = pending
         try:
             with self._write_lock:
                 self._stream.write_stdin(line)
@@ -142,7 +173,7 @@ class ExecAgent:
             raise NotRun(str(exc)) from None
         wait = None if spec.timeout is None else spec.timeout + _KILL_GRACE + _RESULT_MARGIN
         try:
-            frame = future.result(wait)
+            frame = pending.future.result(wait)
         except FutureTimeout:
             with self._lock:
                 self._pending.pop(run_id, None)
@@ -150,33 +181,34 @@ class ExecAgent:
             raise RuntimeFailure(
                 f"the exec agent did not answer within {wait:g}s; the command was killed") from None
         except _AgentGone as exc:
-            raise RuntimeFailure(
-                f"the exec agent ended while the command ran ({exc}); its outcome is unknown"
-            ) from None
+            with self._lock:  # no more output can come
+                stdout, stderr = bytes(pending.stdout), bytes(pending.stderr)
+            raise AgentLost(str(exc), ExecResult(
+                exit_code=None, stdout=stdout, stderr=stderr,
+                duration_ms=(time.monotonic() - started) * 1000,
+                truncated=0 < spec.output_cap <= max(len(stdout), len(stderr)),
+            )) from None
         if frame.get("type") == "error":
             raise NotRun(f"{frame.get('code')}: {frame.get('message')}")
-        try:
-            return ExecResult(
-                exit_code=frame.get("exit_code"),
-                stdout=base64.b64decode(frame["stdout"]),
-                stderr=base64.b64decode(frame["stderr"]),
-                duration_ms=(time.monotonic() - started) * 1000,
-                truncated=bool(frame.get("truncated")),
-                timed_out=bool(frame.get("timed_out")),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise RuntimeFailure(f"malformed answer from the exec agent: {exc!r}") from None
+        return ExecResult(
+            exit_code=frame.get("exit_code"),
+            stdout=bytes(pending.stdout),
+            stderr=bytes(pending.stderr),
+            duration_ms=(time.monotonic() - started) * 1000,
+            truncated=bool(frame.get("truncated")),
+            timed_out=bool(frame.get("timed_out")),
+        )
 
     def ping(self, timeout: float = 5.0) -> None:
         run_id = next(self._ids)
-        future: Future[dict[str, Any]] = Future()
+        pending = _Run()
         with self._lock:
             if self._dead is not None:
                 raise NotRun(self._dead)
-            self._pending[run_id] = future
+            self._pending[run_id] = pending
         with self._write_lock:
             self._stream.write_stdin(b'{"op":"ping","id":%d}\n' % run_id)
-        future.result(timeout)
+        pending.future.result(timeout)
 
     def beat(self) -> None:
         """Tell the agent the daemon is still there (a ping whose answer is ignored)."""
@@ -208,9 +240,9 @@ class ExecAgent:
             if self._dead is None:
                 self._dead = reason
             pending, self._pending = self._pending, {}
-        for future in pending.values():
-            if not future.done():
-                future.set_exception(_AgentGone(reason))
+        for run in pending.values():
+            if not run.future.done():
+                run.future.set_exception(_AgentGone(reason))
         if not self._hello.done():
             self._hello.set_exception(_AgentGone(reason))
 
@@ -245,10 +277,21 @@ class ExecAgent:
             if not self._hello.done():
                 self._hello.set_result(frame)
             return
+        run_id = frame.get("id")
+        if frame.get("type") == "output":
+            try:
+                data = base64.b64decode(frame["data"])
+            except (KeyError, TypeError, ValueError):
+                return
+            with self._lock:
+                run = self._pending.get(run_id)  # type: ignore[arg-type]
+                if run is not None:
+                    (run.stderr if frame.get("stream") == "stderr" else run.stdout).extend(data)
+            return
         with self._lock:
-            future = self._pending.pop(frame.get("id"), None)  # type: ignore[arg-type]
-        if future is not None and not future.done():
-            future.set_result(frame)
+            run = self._pending.pop(run_id, None)  # type: ignore[arg-type]
+        if run is not None and not run.future.done():
+            run.future.set_result(frame)
 
 
 class _AgentGone(Exception):
@@ -284,6 +327,9 @@ class ExecAgents:
                 result = agent.run(spec, kill_on_exit=self.kill_on_exit)
             except NotRun as exc:
                 log.debug("exec agent %s did not run %s: %s", berth_id, spec.command[:1], exc)
+            except AgentLost as exc:
+                self._drop(berth_id, agent)
+                return self._lost(berth_id, spec, exc)
             else:
                 with self._lock:
                     self.agent_execs += 1
@@ -297,6 +343,19 @@ class ExecAgents:
         with self._lock:
             self.runtime_execs += 1
         return self.runtime.exec(berth_id, spec)
+
+    def _lost(self, berth_id: str, spec: ExecSpec, lost: AgentLost) -> ExecResult:
+        """The answer for a command whose agent ended under it: the guardian SIGKILLed
+        it (with its container, most often), so exit code 137 and the output so far, as
+        a runtime exec killed with its container answers. A runtime that cannot be
+        reached is not a result: ``RuntimeUnavailable`` propagates from the inspect."""
+        with contextlib.suppress(SandboxNotFound, RuntimeFailure):
+            self.runtime.inspect(berth_id)  # the container may be gone; the runtime not
+        log.info("exec agent of %s ended while %s ran (%s): the command was killed",
+                 berth_id, spec.command[:1], lost)
+        with self._lock:
+            self.agent_execs += 1
+        return dataclasses.replace(lost.partial, exit_code=128 + signal.SIGKILL)
 
     def ready(self, berth_id: str) -> bool:
         agent = self._agents.get(berth_id)

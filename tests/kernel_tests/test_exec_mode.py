@@ -29,6 +29,7 @@ class Agent:
             stderr=subprocess.PIPE, env=env if env is not None else {"PATH": os.environ["PATH"]},
         )
         assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.outputs: dict[Any, dict[str, bytes]] = {}
         self.proc.stdin.write(exec_agent_payload())
         self.proc.stdin.flush()
         self.hello = self.read()
@@ -38,11 +39,26 @@ class Agent:
         self.proc.stdin.write((json.dumps(request) + "\n").encode())
         self.proc.stdin.flush()
 
-    def read(self) -> dict[str, Any]:
+    def frame(self) -> dict[str, Any]:
+        """The next frame as the agent sent it."""
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         assert line, f"the agent ended: {self.proc.stderr.read() if self.proc.stderr else ''!r}"
         frame: dict[str, Any] = json.loads(line)
+        return frame
+
+    def read(self) -> dict[str, Any]:
+        """The next answer; a result gets the ``output`` frames of its command folded in
+        (``stdout``/``stderr``, base64, as the daemon assembles them)."""
+        while True:
+            frame = self.frame()
+            if frame["type"] != "output":
+                break
+            kept = self.outputs.setdefault(frame["id"], {"stdout": b"", "stderr": b""})
+            kept[frame["stream"]] += base64.b64decode(frame["data"])
+        if frame["type"] == "result":
+            kept = self.outputs.pop(frame["id"], {"stdout": b"", "stderr": b""})
+            frame.update({k: base64.b64encode(v).decode() for k, v in kept.items()})
         return frame
 
     def run(self, argv: list[str], **fields: Any) -> dict[str, Any]:
@@ -186,6 +202,20 @@ def test_commands_run_concurrently_and_answers_carry_their_ids(agent: Agent) -> 
     frames = [agent.read() for _ in range(3)]
     assert {f["id"] for f in frames[:2]} == {"fast", "p"} and frames[2]["id"] == "slow"
     assert base64.b64decode(frames[2]["stdout"]) == b"slow\n"
+
+
+def test_output_is_sent_as_it_comes_before_the_result(agent: Agent) -> None:
+    # so that the daemon keeps what a command wrote when the agent dies under it
+    agent.send({"op": "run", "id": "s", "argv": ["sh", "-c", "echo one; sleep 1; echo two >&2"]})
+    started = time.monotonic()
+    first = agent.frame()
+    assert first == {"type": "output", "id": "s", "stream": "stdout",
+                     "data": base64.b64encode(b"one\n").decode()}
+    assert time.monotonic() - started < 0.9, "the output waited for the command's end"
+    second, result = agent.frame(), agent.frame()
+    assert (second["stream"], base64.b64decode(second["data"])) == ("stderr", b"two\n")
+    assert result["type"] == "result" and result["exit_code"] == 0
+    assert "stdout" not in result and "stderr" not in result
 
 
 def test_cancel_kills_a_running_command(agent: Agent) -> None:
