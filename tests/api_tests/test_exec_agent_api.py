@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -126,6 +127,33 @@ def test_a_restarted_container_gets_a_new_agent(client: Client, python_box: str)
     before = client.agents.stats()["agent_execs"]
     assert client.exec(python_box, command=["echo", "agent"])["stdout"] == "agent\n"
     assert client.agents.stats()["agent_execs"] == before + 1
+
+
+@pytest.mark.parametrize("action", ["kill", "delete"])
+def test_an_exec_whose_container_is_killed_or_removed_answers_137_not_a_server_error(
+    client: Client, action: str
+) -> None:
+    # a fuzzer found this as a 502: another request ended the container while its agent
+    # ran a command. A runtime exec answers 200, exit code 137 and the output so far.
+    berth_id = client.create("host" if _runtime(client) == "local" else PYTHON_IMAGE)
+    try:
+        client.exec(berth_id, command=["true"])
+        eventually(lambda: client.agents.ready(berth_id))
+        answers: list[requests.Response] = []
+        waiter = threading.Thread(target=lambda: answers.append(client.post(
+            f"/v1/containers/{berth_id}/exec", {"command": ["sh", "-c", "echo hi; sleep 60"]})))
+        waiter.start()
+        time.sleep(1.0)
+        if action == "kill":
+            r = client.post(f"/v1/containers/{berth_id}/kill")
+        else:
+            r = client.s.delete(f"{client.base}/v1/containers/{berth_id}?force=true", timeout=60)
+        assert r.status_code in (200, 204), r.text
+        waiter.join(60)
+        assert len(answers) == 1 and answers[0].status_code == 200, answers and answers[0].text
+        assert (answers[0].json()["exit_code"], answers[0].json()["stdout"]) == (137, "hi\n")
+    finally:
+        client.remove(berth_id)
 
 
 def test_removing_the_container_ends_its_agent(client: Client) -> None:
