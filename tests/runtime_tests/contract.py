@@ -377,16 +377,17 @@ class RuntimeContract:
         result = runtime.exec(
             berth_id,
             ExecSpec(
-                command=("sh", "-c", "(sleep 1; echo late > late.txt) & echo started; sleep 30"),
+                # room for a loaded engine to start the exec before the timeout hits
+                command=("sh", "-c", "(sleep 2.5; echo late > late.txt) & echo started; sleep 30"),
                 workdir="/tmp",
-                timeout=0.5,
+                timeout=1.5,
             ),
         )
         assert result.timed_out
         assert result.exit_code != 0
         assert result.stdout == b"started\n"
-        assert time.monotonic() - began < 5
-        time.sleep(1.5)  # the background child would have written by now
+        assert time.monotonic() - began < 10
+        time.sleep(2.5)  # the background child would have written by now
         with pytest.raises(RuntimeFailure):
             runtime.get_file(berth_id, "/tmp/late.txt")
         # The container is still fine.
