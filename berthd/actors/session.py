@@ -21,7 +21,8 @@ A ``command`` result is kept on ``CommandExecuted`` (output capped) so ``GET
 Expiry is decided from the injected clock: a command arriving after ``expires_at`` expires
 the session (409 ``SESSION_EXPIRED``), and the supervisor's timer expires due sessions on
 its own (read from the view, so passivated sessions expire too), at boot too, closing
-their kernel and sandbox. At boot, a session that ended while its kernel's destroy was
+their kernel and sandbox. A session with an execution running or waiting is in use and
+does not expire; the execution's ``CommandExecuted`` moves ``expires_at``. At boot, a session that ended while its kernel's destroy was
 cut short by a crash gets its kernel destroyed.
 """
 
@@ -199,7 +200,7 @@ class SessionActor(EntityActor):
             future.set_result(self._reply())
             return
         before = self.state
-        events = se.decide(before, command, now=now)
+        events = se.decide(before, command, now=now, busy=self._running is not None or bool(self._queue))
         self._append(events, ctx)
         ended = any(isinstance(e, (se.SessionExpired, se.SessionClosed)) for e in events)
         if isinstance(command, (se.CloseSession, se.ExpireSession)):

@@ -262,7 +262,9 @@ def allowed(policy: Policy | None, argv: list[str]) -> bool:
 
 
 def decide(state: SessionState | None, command: Command, *, now: str = "", expires_at: str = "",
-           new_id: str = "", owner: str = "admin", name: str = "") -> list[Event]:
+           new_id: str = "", owner: str = "admin", name: str = "", busy: bool = False) -> list[Event]:
+    """``busy``: an execution of the session is running or waiting. A busy session is in
+    use, so it does not expire; its TTL runs again from the end of that activity."""
     if isinstance(command, CreateSession):
         if state is not None:
             raise Conflict(f"session {new_id} already exists", id=new_id)
@@ -274,7 +276,7 @@ def decide(state: SessionState | None, command: Command, *, now: str = "", expir
         )]
     if state is None:
         raise ValidationError("no such session")
-    if due_to_expire(state, now):
+    if due_to_expire(state, now) and not busy:
         return [SessionExpired(at=now)]
     if isinstance(command, (CloseSession, ExpireSession)) and state.status in FINAL:
         return []  # already over: closing or expiring again changes nothing

@@ -5,6 +5,7 @@ commands, denial, retry, expiry at a command and by the supervisor, close."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -313,6 +314,24 @@ def test_the_supervisor_expires_due_sessions(sessions: SessionSupervisor, store:
     assert types(store, kernel_id)[-1] == "KernelDestroyed"
     assert types(store, long.id) == ["SessionOpened"]
     assert sessions.expire_due() == 0
+
+
+def test_a_session_running_code_past_its_ttl_is_not_expired_under_it(
+        sessions: SessionSupervisor, store: EventStore, clock: ManualClock) -> None:
+    s = open_session(sessions, ttl_seconds=5)
+    run(sessions, s.id, code="import time")
+    running = sessions.session_command(s.id, se.ExecuteInSession(code="time.sleep(1.5); 'done'"), CTX)
+    queued = sessions.session_command(s.id, se.ExecuteInSession(code="'next'"), CTX)
+    time.sleep(0.3)
+    clock.advance(60)  # long past expires_at while the code runs and the next one waits
+    assert sessions.expire_due() == 0
+    assert running.result(timeout=30).result.result.return_value == "'done'"
+    assert queued.result(timeout=30).result.result.return_value == "'next'"
+    assert "SessionExpired" not in types(store, s.id)
+    state = sessions._get(s.id).proxy().get_state().get()
+    assert state.status == "active" and state.expires_at == "2026-01-01T00:01:05.000Z"
+    clock.advance(5)  # idle for its TTL after the last activity: now it expires
+    assert sessions.expire_due() == 1
 
 
 def test_close_destroys_the_kernel(sessions: SessionSupervisor, store: EventStore) -> None:

@@ -94,6 +94,14 @@ def test_expiry_is_decided_from_the_given_time() -> None:
     assert se.decide(gone, se.CloseSession(), now=LATE) == []  # already over: nothing to close
 
 
+def test_a_busy_session_does_not_expire() -> None:
+    # an execution running or waiting is activity: its end moves expires_at instead
+    s = opened()
+    for cmd in (se.ExpireSession(), se.ExecuteInSession(code="1"), se.ExecuteWithRetry(code="1")):
+        assert se.decide(s, cmd, now=LATE, busy=True) == []
+    assert se.decide(s, se.CloseSession(), now=LATE, busy=True) == [se.SessionClosed(at=LATE)]
+
+
 def test_activity_extends_the_ttl() -> None:
     s = opened()
     s = se.evolve(s, se.SessionKernelAttached(kernel_id="k", container_id="c"))
