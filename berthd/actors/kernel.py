@@ -16,7 +16,7 @@ the next command activates it again from the log (``EntityActor.resync``).
 
 The kernel's sandbox is a container entity of its own (its events are on the log too),
 created through ``Supervisor.create_container`` with a shared directory; the agent runs as
-its main command. With ``container`` given (Docker only) the agent is started by exec in
+its main command. With ``container`` given (either runtime) the agent is started by exec in
 that container instead, and the container is left alone when the kernel is destroyed.
 
 Executions run one at a time: one that arrives while another runs (or while the kernel
@@ -509,6 +509,8 @@ class KernelActor(EntityActor):
             return self._agent().execute(code, timeout, on_output, execution_id=result_id,
                                          output_cap=self.output_cap)
         except ConnectionLost as exc:
+            if self._destroying():  # the agent was shut down on purpose: nothing to follow
+                raise
             # the agent may still run it: follow it again from where the output stopped
             self._drop_agent()
             try:
@@ -517,9 +519,16 @@ class KernelActor(EntityActor):
                 return self._agent().execute(code, timeout, on_output, execution_id=result_id,
                                              output_cap=self.output_cap)
         except AgentUnavailable:
+            if self._destroying():
+                raise
             self._drop_agent()  # a stale connection to an agent that went away: look again
             return self._agent().execute(code, timeout, on_output, execution_id=result_id,
                                          output_cap=self.output_cap)
+
+    def _destroying(self) -> bool:
+        """A destroy is in flight or done (read from a worker: the state is immutable)."""
+        s = self.state
+        return s is not None and (s.destroying or s.status in k.FINAL)
 
     def _restart(self, ctx: CommandContext) -> Callable[[], None]:
         s = self.state
@@ -605,6 +614,16 @@ class KernelActor(EntityActor):
     def _after_execute(self, result_id: str) -> _Then:
         def then(result: ExecutionResult | None, err: BaseException | None) \
                 -> tuple[list[Event], Any, BaseException | None]:
+            if err is not None and self._destroying():
+                # cut short by a destroy: not a death of the kernel, and nothing to restart
+                self._drop_agent()
+                message = "the kernel was destroyed while the code ran"
+                return [k.ExecutionFinished(
+                    result_id=result_id, status="error", finished_at=rfc3339(self.clock()),
+                    error=k.ExecutionError(ename="KernelDestroyed", evalue=message),
+                    execution_count=self.state.execution_count if self.state else 0,
+                )], None, Conflict(f"{message}: kernel {self.stream_id}", id=self.stream_id,
+                                   result_id=result_id, status="destroyed")
             if isinstance(err, KernelDead):
                 self._drop_agent()
                 events = self._died(err.reason, result_id, err.stdout, err.stderr)

@@ -242,7 +242,8 @@ def _(e: ExecutionStarted, s: KernelState) -> KernelState:
 
 @_apply.register
 def _(e: ExecutionFinished, s: KernelState) -> KernelState:
-    status = "dead" if e.status == "dead" else "idle" if s.status == "busy" else s.status
+    status = s.status if s.status in FINAL else "dead" if e.status == "dead" \
+        else "idle" if s.status == "busy" else s.status
     return _r(s, status=status, current=None, execution_count=max(s.execution_count, e.execution_count),
               last_activity=e.finished_at or s.last_activity)
 

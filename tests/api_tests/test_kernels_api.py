@@ -250,6 +250,32 @@ def test_destroy_removes_the_sandbox(rt: tuple[DaemonProcess, str]) -> None:
     assert gone.status_code == 409
 
 
+def test_destroy_during_an_execution_is_not_a_death(rt: tuple[DaemonProcess, str]) -> None:
+    # found in review: the cut execution answered KERNEL_DEAD ("restart it") and the log
+    # had a KernelDied for a kernel that was being destroyed
+    d, name = rt
+    kid = d.post("/v1/kernels", {"image": IMAGES[name]}).json()["id"]
+    answers: list[Any] = []
+    runner = threading.Thread(target=lambda: answers.append(
+        d.post(f"/v1/kernels/{kid}/execute", {"code": "import time\nprint('on', flush=True)\ntime.sleep(60)"})))
+    runner.start()
+    assert wait_for(lambda: d.get(f"/v1/kernels/{kid}").json()["status"] == "busy")
+    began = time.monotonic()
+    r = d.delete(f"/v1/kernels/{kid}")
+    assert r.status_code == 200 and r.json()["status"] == "destroyed", r.text
+    runner.join(60)
+    assert time.monotonic() - began < 8, "the execution waited for an agent that was shut down"
+    assert len(answers) == 1 and answers[0].status_code == 409, answers and answers[0].text
+    err = answers[0].json()["error"]
+    assert err["code"] == "CONFLICT" and err["details"]["status"] == "destroyed"
+    view = d.get(f"/v1/kernels/{kid}").json()
+    assert view["status"] == "destroyed" and view["error"] is None
+    stored = d.get(f"/v1/results/{err['details']['result_id']}").json()
+    assert stored["status"] == "error" and stored["error"]["ename"] == "KernelDestroyed"
+    types = [e["type"] for e in d.get(f"/v1/events?entity={kid}&limit=100").json()["items"]]
+    assert "KernelDied" not in types and types[-1] == "KernelDestroyed", types
+
+
 def test_refusals_append_nothing(local_daemon: DaemonProcess) -> None:
     d = local_daemon
     before = d.get("/v1/info").json()["log_position"]

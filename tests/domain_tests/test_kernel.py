@@ -75,6 +75,9 @@ def test_destroyed_is_final() -> None:
     [requested] = k.decide(s, k.DestroyKernel())
     s = apply(s, requested, k.KernelDestroyed())
     assert s.status == "destroyed"
+    # an execution's outcome recorded after the destroy does not bring the kernel back
+    for status in ("dead", "error", "ok"):
+        assert apply(s, k.ExecutionFinished(result_id="r", status=status)).status == "destroyed"
     for command in (k.ExecuteCode(code="1"), k.RestartKernel(), k.DestroyKernel(), k.InterruptKernel()):
         with pytest.raises(Conflict):
             k.decide(s, command)
