@@ -417,8 +417,11 @@ class KernelActor(EntityActor):
             # although the code may have run: that window only holds executions nobody
             # was told about (and the log never claims they ran).
             intent = self._append_async(events, ctx)
-        finally:
-            _started(extra)  # submitted (or refused): its caller stops counting queue time
+        except BaseException:
+            _started(extra)  # refused: its caller stops counting queue time
+            raise
+        # "started" once the intent is on the log: a client told so may attach to it
+        intent.add_done_callback(lambda _f: _started(extra))
         on_output: OutputCallback | None = extra.get("on_output")
         code, timeout = command.code, command.timeout
 

@@ -235,14 +235,19 @@ class SessionActor(EntityActor):
     # ------------------------------------------------------------------ the queue
 
     def _begin(self, q: _Queued) -> None:
-        """``q`` has the session now; when its caller is answered, the next one goes."""
-        _started(q.extra)
+        """``q`` has the session now; when its caller is answered, the next one goes.
+        Code is "started" by its kernel, once the kernel's intent is on the log (so the
+        announced result id can be attached to at once); anything else starts here."""
+        if not (isinstance(q.command, se.ExecuteInSession) and q.command.code is not None):
+            _started(q.extra)
         s = self.state
         assert s is not None
         if s.status != "active":
             _fail(q.future, _ended(s))
+            _started(q.extra)
             return
         self._running = q.future
+        q.future.add_done_callback(lambda _f: _started(q.extra))  # whatever ended it
         ref = self.actor_ref
 
         def next_one(_f: Future[Reply]) -> None:
@@ -378,7 +383,8 @@ class SessionActor(EntityActor):
             self._exec_command(list(command.command), command.timeout, ctx, done, result_id)
         else:
             assert command.code is not None
-            self._exec_code(command.code, command.timeout, ctx, done, result_id, extra.get("on_output"))
+            self._exec_code(command.code, command.timeout, ctx, done, result_id, extra.get("on_output"),
+                            extra.get("started"))
 
     def _retry(self, command: se.ExecuteWithRetry, ctx: CommandContext, future: Future[Reply]) -> None:
         attempts: list[SessionOutcome] = []
@@ -408,13 +414,16 @@ class SessionActor(EntityActor):
         attempt()
 
     def _exec_code(self, code: str, timeout: float | None, ctx: CommandContext, done: _Done,
-                   result_id: str | None = None, on_output: Callable[[str, str], None] | None = None) -> None:
+                   result_id: str | None = None, on_output: Callable[[str, str], None] | None = None,
+                   started: threading.Event | None = None) -> None:
         s = self.state
         assert s is not None and s.kernel_id is not None
         kernel_id, kernels, wait = s.kernel_id, self.kernels, (timeout or self.wait) + 30.0
         extra: dict[str, Any] = {"result_id": result_id} if result_id else {}
         if on_output is not None:
             extra["on_output"] = on_output
+        if started is not None:
+            extra["started"] = started  # set by the kernel once its intent is committed
 
         def run() -> KernelResult:
             reply = kernels.kernel_command(kernel_id, k.ExecuteCode(code=code, timeout=timeout), ctx,

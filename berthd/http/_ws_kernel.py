@@ -144,6 +144,10 @@ async def _execute(shared: Shared, ws: ServerConnection, deps: Deps, ctx: Comman
 async def _attach(shared: Shared, deps: Deps, ctx: CommandContext, state: k.KernelState,
                   request: _Attach, on_output: Any) -> KernelResult:
     stored = deps.results.get(request.attach)
+    if stored is None:  # told "started" a moment ago: the view may not have the intent yet
+        head = await shared.blocking(deps.store.head)
+        await shared.blocking(deps.runner.wait_for, head, deps.limits.read_your_writes_timeout)
+        stored = deps.results.get(request.attach)
     if stored is None or stored.kernel_id != state.id or (not ctx.is_admin and stored.owner != ctx.owner):
         raise ResultNotFound(f"no result '{request.attach}' of kernel {state.name}", id=request.attach)
     runtime = deps.runtimes.get(state.runtime)

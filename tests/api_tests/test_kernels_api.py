@@ -217,6 +217,22 @@ def test_ws_streams_and_reattaches(rt: tuple[DaemonProcess, str], kernel: dict[s
     assert stored["return_value"] == "'end'"
 
 
+def test_attach_right_after_started_finds_the_execution(rt: tuple[DaemonProcess, str],
+                                                         kernel: dict[str, Any]) -> None:
+    # found in review: "started" went out before the intent was committed, and an attach
+    # right after it answered RESULT_NOT_FOUND about 1 time in 30
+    d, _ = rt
+    for i in range(25):
+        with ws_connect(d, kernel["id"]) as ws:
+            ws.send(json.dumps({"code": f"import time\ntime.sleep(0.05)\n{i}"}))
+            started = json.loads(ws.recv(10))
+            assert started["type"] == "started"
+        with ws_connect(d, kernel["id"]) as ws:
+            ws.send(json.dumps({"attach": started["result_id"], "offset": 0}))
+            frames = [json.loads(m) for m in ws]
+        assert frames[-1]["type"] == "result" and frames[-1]["return_value"] == str(i), frames
+
+
 def test_dead_kernel_is_never_a_success(rt: tuple[DaemonProcess, str]) -> None:
     d, name = rt
     kid = d.post("/v1/kernels", {"image": IMAGES[name]}).json()["id"]
