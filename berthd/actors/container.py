@@ -27,7 +27,16 @@ from typing import Any
 import pykka
 
 from berthd.actors._stream import append_evolved, append_evolved_async, when_durable
-from berthd.actors.context import SYSTEM, Clock, CommandContext, Reply, new_id, rfc3339, settle
+from berthd.actors.context import (
+    SYSTEM,
+    Clock,
+    CommandContext,
+    Reply,
+    check_if_match,
+    new_id,
+    rfc3339,
+    settle,
+)
 from berthd.domain import container as c
 from berthd.domain.base import Command, Event
 from berthd.domain.errors import (
@@ -167,6 +176,7 @@ class ContainerActor(pykka.ThreadingActor):
         self.last_used = time.monotonic()
         future: Future[Reply] = Future()
         try:
+            ctx = check_if_match(ctx, self.state)
             self._handle(command, ctx, future, extra)
         except BaseException as exc:  # never let a command kill the actor
             if not future.done():

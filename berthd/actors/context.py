@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
@@ -10,8 +11,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from berthd.domain.base import Meta
+from berthd.domain.errors import PreconditionFailed
 
-__all__ = ["Clock", "CommandContext", "Reply", "SYSTEM", "new_id", "rfc3339", "settle", "system_clock"]
+__all__ = ["Clock", "CommandContext", "Reply", "SYSTEM", "check_if_match", "etag_of", "matches", "new_id",
+           "require_version",
+           "rfc3339", "settle", "system_clock"]
 
 Clock = Callable[[], datetime]
 """Returns the current time (UTC, aware). Tests pass a frozen one."""
@@ -40,12 +44,52 @@ class CommandContext:
     is_admin: bool = True
     correlation_id: str | None = None
     request_id: str | None = None
+    if_match: str | None = None  # the client's If-Match for the entity it addresses
 
     def meta(self, clock: Clock, node_id: str) -> Meta:
         return Meta(
             timestamp=rfc3339(clock()), node_id=node_id, principal=self.principal,
             correlation_id=self.correlation_id, request_id=self.request_id,
         )
+
+
+def etag_of(version: int) -> str:
+    """An entity's version as its HTTP entity tag."""
+    return f'"{version}"'
+
+
+def matches(if_match: str, version: int) -> bool:
+    """Does an ``If-Match`` header name ``version`` (``*``, strong or weak tags)?"""
+    current = etag_of(version)
+    for tag in (t.strip() for t in if_match.split(",")):
+        if tag == "*":
+            return True
+        if tag.startswith("W/"):
+            tag = tag[2:]
+        if tag == current or tag == str(version):
+            return True
+    return False
+
+
+def check_if_match(ctx: CommandContext, state: Any) -> CommandContext:
+    """On the entity's own mailbox, so that two commands sent with the same ``If-Match``
+    cannot both pass: 412 unless it names the current version. Returns the context
+    without it, for what the command asks of other entities."""
+    if ctx.if_match is None:
+        return ctx
+    require_version(ctx.if_match, state)
+    return dataclasses.replace(ctx, if_match=None)
+
+
+def require_version(if_match: str | None, state: Any) -> None:
+    """412 unless ``if_match`` (if any) names ``state``'s version. Kernels and sessions
+    check a queued execution's tag again when its turn comes: it runs only on the version
+    its client saw."""
+    version = getattr(state, "version", None)
+    if if_match is not None and version is not None and not matches(if_match, version):
+        raise PreconditionFailed(
+            f"If-Match {if_match} does not match the current version {etag_of(version)}: "
+            "GET it again and decide on what it is now", etag=etag_of(version))
 
 
 SYSTEM = CommandContext(principal="system", owner="admin")

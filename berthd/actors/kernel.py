@@ -58,7 +58,17 @@ from berthd.actors._stream import (
     when_durable,
 )
 from berthd.actors.container import map_runtime_error
-from berthd.actors.context import SYSTEM, Clock, CommandContext, Reply, new_id, rfc3339, settle
+from berthd.actors.context import (
+    SYSTEM,
+    Clock,
+    CommandContext,
+    Reply,
+    check_if_match,
+    new_id,
+    require_version,
+    rfc3339,
+    settle,
+)
 from berthd.actors.supervisor import Supervisor
 from berthd.domain import container as c
 from berthd.domain import kernel as k
@@ -210,6 +220,9 @@ class KernelActor(EntityActor):
         self.touch()
         future: Future[Reply] = Future()
         try:
+            if ctx.if_match is not None:  # checked again when an execution's turn comes
+                extra["if_match"] = ctx.if_match
+            ctx = check_if_match(ctx, self.state)
             self._handle(command, ctx, future, extra)
         except BaseException as exc:  # never let a command kill the actor
             if not future.done():
@@ -410,6 +423,7 @@ class KernelActor(EntityActor):
                      extra: dict[str, Any]) -> None:
         result_id = extra.get("result_id") or new_id()
         try:
+            require_version(extra.get("if_match"), self.state)
             events = k.decide(self.state, command, now=rfc3339(self.clock()), new_id=result_id)
             # Pipelined: the code starts while ExecutionStarted is being committed; the
             # caller is answered once it and ExecutionFinished are both durable. If the

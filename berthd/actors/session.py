@@ -41,7 +41,16 @@ import pykka
 from berthd.actors._registry import EntityActor, Registry, suppress_dead
 from berthd.actors._stream import append_evolved, cap_text, load_state
 from berthd.actors.container import ExecOutcome
-from berthd.actors.context import SYSTEM, Clock, CommandContext, Reply, new_id, rfc3339
+from berthd.actors.context import (
+    SYSTEM,
+    Clock,
+    CommandContext,
+    Reply,
+    check_if_match,
+    new_id,
+    require_version,
+    rfc3339,
+)
 from berthd.actors.kernel import LOG_OUTPUT_CAP, QUEUE_DEPTH, KernelResult, KernelSupervisor
 from berthd.actors.supervisor import Supervisor
 from berthd.domain import container as c
@@ -145,6 +154,9 @@ class SessionActor(EntityActor):
         self.touch()
         future: Future[Reply] = Future()
         try:
+            if ctx.if_match is not None:  # checked again when an execution's turn comes
+                extra["if_match"] = ctx.if_match
+            ctx = check_if_match(ctx, self.state)
             self._handle(command, ctx, future, extra)
         except BaseException as exc:  # never let a command kill the actor
             _fail(future, exc)
@@ -244,6 +256,12 @@ class SessionActor(EntityActor):
         assert s is not None
         if s.status != "active":
             _fail(q.future, _ended(s))
+            _started(q.extra)
+            return
+        try:
+            require_version(q.extra.get("if_match"), s)
+        except BerthdError as exc:
+            _fail(q.future, exc)
             _started(q.extra)
             return
         self._running = q.future

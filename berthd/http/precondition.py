@@ -5,9 +5,10 @@ refuse to act on another version than the client saw.
 the number of events in its stream). A ``POST`` action, ``PUT`` or ``DELETE`` on it with
 ``If-Match`` answers 412 ``PRECONDITION_FAILED`` (details: the current ``etag``) unless one
 of the listed tags is the current one (``*`` matches any version; weak tags ``W/"V"`` are
-compared by their value). The check is made against the read model just before the
-command goes to the entity's actor; read-your-writes means a client's own earlier writes
-are always in it. An entity the key cannot see is left to the resource (404, not 412: a
+compared by their value). The check is made twice: here against the read model (a cheap
+early answer; read-your-writes means a client's own earlier writes are in it), and again
+on the entity's actor when the command arrives (``check_if_match``), so that concurrent
+commands sent with the same tag cannot all pass. An entity the key cannot see is left to the resource (404, not 412: a
 precondition must not reveal that someone else's entity exists).
 """
 
@@ -18,6 +19,7 @@ from typing import Any, Protocol, TypeVar
 
 import falcon
 
+from berthd.actors.context import etag_of, matches
 from berthd.domain.errors import PreconditionFailed
 from berthd.http.auth import Principal
 
@@ -35,26 +37,10 @@ class Versioned(Protocol):
 V = TypeVar("V", bound=Versioned)
 
 
-def etag_of(version: int) -> str:
-    return f'"{version}"'
-
-
 def set_etag(resp: falcon.Response, entity: V) -> V:
     """The one-liner resources call on GET: sets ``ETag`` and hands the entity back."""
     resp.set_header("ETag", etag_of(entity.version))
     return entity
-
-
-def matches(if_match: str, version: int) -> bool:
-    current = etag_of(version)
-    for tag in (t.strip() for t in if_match.split(",")):
-        if tag == "*":
-            return True
-        if tag.startswith("W/"):
-            tag = tag[2:]
-        if tag == current or tag == str(version):
-            return True
-    return False
 
 
 _METHODS = ("POST", "PUT", "DELETE")
@@ -82,3 +68,4 @@ class IfMatchMiddleware:
             raise PreconditionFailed(
                 f"If-Match {if_match} does not match the current version {etag_of(entity.version)}: "
                 "GET it again and decide on what it is now", etag=etag_of(entity.version))
+        req.context.if_match = if_match  # checked again by the entity's actor (context_of)

@@ -3,6 +3,7 @@ read-your-writes (answer from the projection once it has reached the write)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -23,7 +24,10 @@ __all__ = ["context_of", "outcome", "fresh_container", "find_container"]
 
 def context_of(req: falcon.Request) -> CommandContext:
     principal: Principal = req.context.principal
-    return principal.context(req.context.get("correlation_id"), req.context.get("request_id"))
+    ctx = principal.context(req.context.get("correlation_id"), req.context.get("request_id"))
+    # set by IfMatchMiddleware on routes that address one entity: its actor checks it again
+    if_match = req.context.get("if_match")
+    return ctx if if_match is None else dataclasses.replace(ctx, if_match=if_match)
 
 
 def outcome(deps: Deps, future: Future[Reply], timeout: float | None = None) -> Reply:
