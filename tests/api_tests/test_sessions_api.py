@@ -1,7 +1,7 @@
 """Sessions through the HTTP API with a real daemon: a kernel opened on demand, code and
 commands, the policy (403 POLICY_DENIED + CommandDenied), results by id,
 execute_with_retry, activity extending the TTL, expiry by the timer and at a command, expiry
-after a daemon restart, close — on the local runtime, and the basic path on Docker."""
+after a daemon restart, close — on the local runtime and on Docker."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Any
 
+import pytest
 import requests
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
@@ -61,6 +62,13 @@ def events_of(d: DaemonProcess, sid: str) -> list[dict[str, Any]]:
 def kernel_status(d: DaemonProcess, kernel_id: str) -> str:
     status: str = d.get(f"/v1/kernels/{kernel_id}").json()["status"]
     return status
+
+
+@pytest.fixture(params=["local", "docker"])
+def rt(request: pytest.FixtureRequest) -> tuple[DaemonProcess, dict[str, Any]]:
+    """The same session test on both runtimes: the daemon, and what a session body needs."""
+    d: DaemonProcess = request.getfixturevalue(f"{request.param}_daemon")
+    return d, ({"image": PYTHON_IMAGE} if request.param == "docker" else {})
 
 
 def test_code_and_commands_on_the_local_runtime(local_daemon: DaemonProcess) -> None:
@@ -173,9 +181,9 @@ def ws_frames(d: DaemonProcess, sid: str, request: dict[str, Any]) -> list[dict[
     return frames
 
 
-def test_ws_execute_streams_code_output_then_the_result(local_daemon: DaemonProcess) -> None:
-    d = local_daemon
-    sid = open_session(d, policy={"allow": ["echo"]})["id"]
+def test_ws_execute_streams_code_output_then_the_result(rt: tuple[DaemonProcess, dict[str, Any]]) -> None:
+    d, body = rt
+    sid = open_session(d, policy={"allow": ["echo"]}, **body)["id"]
     code = "import time\nfor i in range(3):\n    print(f'line {i}', flush=True)\n    time.sleep(0.1)\n'end'"
     with connect(f"{d.ws}/v1/sessions/{sid}/execute", additional_headers=d.headers, open_timeout=10) as ws:
         ws.send(json.dumps({"code": code}))
@@ -206,9 +214,9 @@ def test_ws_execute_streams_code_output_then_the_result(local_daemon: DaemonProc
     d.delete(f"/v1/sessions/{sid}")
 
 
-def test_execute_with_retry(local_daemon: DaemonProcess) -> None:
-    d = local_daemon
-    sid = open_session(d)["id"]
+def test_execute_with_retry(rt: tuple[DaemonProcess, dict[str, Any]]) -> None:
+    d, body = rt
+    sid = open_session(d, **body)["id"]
     r = d.post(f"/v1/sessions/{sid}/execute_with_retry",
                {"code": "x + 1", "on_error_code": "x = 41", "max_attempts": 3})
     assert r.status_code == 200, r.text
@@ -241,9 +249,9 @@ def test_refusals(local_daemon: DaemonProcess) -> None:
     d.delete(f"/v1/sessions/{sid}")
 
 
-def test_ttl_expiry_and_activity(local_daemon: DaemonProcess) -> None:
-    d = local_daemon
-    s = open_session(d, ttl_seconds=3)
+def test_ttl_expiry_and_activity(rt: tuple[DaemonProcess, dict[str, Any]]) -> None:
+    d, body = rt
+    s = open_session(d, ttl_seconds=3, **body)
     sid = s["id"]
     time.sleep(1.5)
     first = execute(d, sid, code="1")  # activity pushes expires_at to executed_at + ttl
@@ -268,10 +276,14 @@ def _add_user_key(data_dir: pathlib.Path, secret: str) -> None:
         store.close()
 
 
-def test_expiry_after_a_daemon_restart(tmp_path: pathlib.Path) -> None:
-    d = DaemonProcess(tmp_path / "data", runtime="local").start()
+@pytest.mark.parametrize("runtime", ["local", "docker"])
+def test_expiry_after_a_daemon_restart(tmp_path: pathlib.Path, runtime: str, request: pytest.FixtureRequest) -> None:
+    if runtime == "docker":
+        request.getfixturevalue("docker_client")  # the engine, or the reason it is missing
+    body = {"image": PYTHON_IMAGE} if runtime == "docker" else {}
+    d = DaemonProcess(tmp_path / "data", runtime=runtime).start()
     try:
-        sid = open_session(d, ttl_seconds=2)["id"]
+        sid = open_session(d, ttl_seconds=2, **body)["id"]
         execute(d, sid, code="y = 1")
         kernel_id = d.get(f"/v1/sessions/{sid}").json()["kernel_id"]
         live = open_session(d, ttl_seconds=3600)["id"]
