@@ -24,11 +24,17 @@ runs it again. With a PostgreSQL log the table stays node-local (a retry goes to
 node). ``POST /v1/keys`` answers are kept too — the secret is in them, in a 0600 file of
 the 0700 data dir, like ``admin.key`` — because a lost answer without its secret would
 be useless to the client.
+
+When the file cannot be written (disk full, I/O error, locked past the timeout) a request
+with an ``Idempotency-Key`` answers 503 ``STORE_UNAVAILABLE``, as the event log does, and
+runs nothing; no row is left behind. If only the final record of an answer fails (the
+request ran), that answer is still sent and the key is freed: it is not replayable.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import sqlite3
@@ -41,7 +47,12 @@ from typing import Any
 import falcon
 import msgspec
 
-from berthd.domain.errors import IdempotencyInProgress, IdempotencyKeyReused, ValidationError
+from berthd.domain.errors import (
+    IdempotencyInProgress,
+    IdempotencyKeyReused,
+    StoreUnavailable,
+    ValidationError,
+)
 from berthd.http.auth import Principal
 from berthd.http.wire import read_body
 
@@ -52,6 +63,11 @@ HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
 _KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 _KEPT_HEADERS = ("Content-Type", "ETag", "Location")
+_STORE_ERRORS = (sqlite3.Error, OSError)
+"""What a failing store raises: sqlite3's "database or disk is full", "disk I/O error",
+"database is locked" (all OperationalError), and the file system's own errors."""
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +118,7 @@ class IdempotencyStore:
         if fresh:
             os.chmod(path, 0o600)
         self._lock = threading.Lock()
+        self._unfinished: set[tuple[str, str]] = set()  # rows still "running" whose delete failed
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: a commit survives a process crash
@@ -114,18 +131,24 @@ class IdempotencyStore:
         return self.clock().timestamp()
 
     def begin(self, scope: str, key: str, fingerprint: str) -> Started | InProgress | Mismatch | Answer:
+        """Raises ``StoreUnavailable`` when the file cannot be read or written (nothing kept)."""
         now = self._now()
         with self._lock:
-            row = self._db.execute(
-                "SELECT fingerprint, created, status, headers, body FROM idempotency WHERE scope=? AND key=?",
-                (scope, key)).fetchone()
-            if row is not None and row[1] < now - self.ttl:
-                self._db.execute("DELETE FROM idempotency WHERE scope=? AND key=?", (scope, key))
-                row = None
-            if row is None:
-                self._db.execute("INSERT INTO idempotency (scope, key, fingerprint, created) VALUES (?, ?, ?, ?)",
-                                 (scope, key, fingerprint, now))
-                return Started()
+            try:
+                row = self._db.execute(
+                    "SELECT fingerprint, created, status, headers, body FROM idempotency WHERE scope=? AND key=?",
+                    (scope, key)).fetchone()
+                if row is not None and (row[1] < now - self.ttl or (scope, key) in self._unfinished):
+                    # expired, or a row whose request's end could not be recorded: the key is free
+                    self._db.execute("DELETE FROM idempotency WHERE scope=? AND key=?", (scope, key))
+                    row = None
+                self._unfinished.discard((scope, key))
+                if row is None:
+                    self._db.execute("INSERT INTO idempotency (scope, key, fingerprint, created) VALUES (?, ?, ?, ?)",
+                                     (scope, key, fingerprint, now))
+                    return Started()
+            except _STORE_ERRORS as exc:
+                raise _unavailable(exc) from exc
         stored_fingerprint, _, status, headers, body = row
         if stored_fingerprint != fingerprint:
             return Mismatch()
@@ -133,24 +156,50 @@ class IdempotencyStore:
             return InProgress()
         return Answer(int(status), msgspec.json.decode(headers, type=dict[str, str]), bytes(body))
 
-    def finish(self, scope: str, key: str, answer: Answer) -> None:
+    def finish(self, scope: str, key: str, answer: Answer) -> bool:
+        """Keep the answer; False when it could not be written (the key is then freed)."""
         with self._lock:
-            self._db.execute("UPDATE idempotency SET status=?, headers=?, body=? WHERE scope=? AND key=?",
-                             (answer.status, msgspec.json.encode(answer.headers), answer.body, scope, key))
+            try:
+                self._db.execute("UPDATE idempotency SET status=?, headers=?, body=? WHERE scope=? AND key=?",
+                                 (answer.status, msgspec.json.encode(answer.headers), answer.body, scope, key))
+                return True
+            except _STORE_ERRORS as exc:
+                log.warning("idempotency store: cannot keep the answer for key %r: %s", key, exc)
+                self._forget(scope, key)
+                return False
 
     def abandon(self, scope: str, key: str) -> None:
+        """Free the key. Never raises: a row that cannot be deleted now is treated as free
+        (and deleted by the next ``begin`` with that key, or at the next start)."""
         with self._lock:
+            self._forget(scope, key)
+
+    def _forget(self, scope: str, key: str) -> None:
+        try:
             self._db.execute("DELETE FROM idempotency WHERE scope=? AND key=?", (scope, key))
+            self._unfinished.discard((scope, key))
+        except _STORE_ERRORS as exc:
+            log.warning("idempotency store: cannot free key %r now: %s", key, exc)
+            self._unfinished.add((scope, key))
 
     def purge(self) -> int:
-        """Forget keys older than the TTL; returns how many."""
+        """Forget keys older than the TTL; returns how many (0 when the file cannot be written
+        now: the next purge tries again)."""
         with self._lock:
-            return self._db.execute("DELETE FROM idempotency WHERE created < ?",
-                                    (self._now() - self.ttl,)).rowcount
+            try:
+                return self._db.execute("DELETE FROM idempotency WHERE created < ?",
+                                        (self._now() - self.ttl,)).rowcount
+            except _STORE_ERRORS as exc:
+                log.warning("idempotency store: cannot purge expired keys: %s", exc)
+                return 0
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _unavailable(exc: BaseException) -> StoreUnavailable:
+    return StoreUnavailable(f"the idempotency store cannot be written: {exc}; retry later")
 
 
 def fingerprint_of(req: falcon.Request, body: bytes) -> str:

@@ -41,6 +41,7 @@ import secrets
 import socket
 import stat
 import threading
+import weakref
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
@@ -78,6 +79,9 @@ _CONTAINER_PATH = re.compile(r"^/v1/containers/(?P<ref>[^/]+)/(?P<endpoint>exec|
 _ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")  # as the HTTP API accepts correlation ids
 
 _Handler = Callable[[Shared, ServerConnection, Handshake], Awaitable[None]]
+_LIMIT_HEADERS: weakref.WeakKeyDictionary[ServerConnection, list[tuple[str, str]]] = weakref.WeakKeyDictionary()
+"""The ``X-RateLimit-*`` pairs of a limited key's handshake, from ``process_request`` to
+``process_response``: every answer to the handshake carries them (101 and refusals alike)."""
 _KERNEL_PATH = re.compile(r"^/v1/kernels/(?P<ref>[^/]+)/execute$")
 _SESSION_PATH = re.compile(r"^/v1/sessions/(?P<ref>[^/]+)/execute$")
 _HANDLERS: dict[str, _Handler] = {"events": serve_events, "exec": serve_exec, "logs": serve_logs,
@@ -296,8 +300,11 @@ def _process_request(shared: Shared, trusted: bool) -> Callable[[ServerConnectio
         if deps.rate_limiter is not None:  # a connection costs what one HTTP request costs
             budget: Budget = "general" if endpoint in ("events", "logs") else "executions"
             verdict = deps.rate_limiter.take(principal.key_id, budget)
-            if verdict is not None and not verdict.allowed:
-                return _reject(refusal(principal.key_id, budget, verdict), request_id, limit_headers(verdict))
+            if verdict is not None:
+                # all answers to a limited key carry its budget, the 101 too (_process_response)
+                _LIMIT_HEADERS[conn] = limit_headers(verdict)
+                if not verdict.allowed:
+                    return _reject(refusal(principal.key_id, budget, verdict), request_id, limit_headers(verdict))
         try:
             params: Any = None
             if endpoint == "events":
@@ -322,12 +329,16 @@ def _process_request(shared: Shared, trusted: bool) -> Callable[[ServerConnectio
 
 
 def _process_response(conn: ServerConnection, request: Request, response: Response) -> None:
-    """The upgrade carries X-Request-ID and echoes the correlation id, as HTTP does."""
+    """The upgrade carries X-Request-ID and echoes the correlation id, as HTTP does; an
+    answer to a rate-limited key carries its ``X-RateLimit-*`` headers, as HTTP does."""
     hs = getattr(conn, "berth", None)
     if hs is not None:
         response.headers["X-Request-ID"] = hs.request_id
         if hs.correlation_id:
             response.headers["X-Correlation-ID"] = hs.correlation_id
+    for name, value in _LIMIT_HEADERS.pop(conn, ()):
+        if name not in response.headers:  # a refusal made by _reject has them already
+            response.headers[name] = value
 
 
 def _route(path: str) -> tuple[str, str]:

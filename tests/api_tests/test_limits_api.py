@@ -109,6 +109,10 @@ def test_container_and_session_quotas(d: DaemonProcess) -> None:
 
     kernel = call(d, "POST", "/v1/kernels", key, {"language": "bash", "image": "host"})
     assert kernel.status_code == 403 and kernel.json()["error"]["details"]["resource"] == "kernels"
+    # a session opens a kernel (with its sandbox): no room for a kernel, no session
+    refused = call(d, "POST", "/v1/sessions", key, {"language": "bash"})
+    assert refused.status_code == 403 and refused.json()["error"]["details"]["resource"] == "kernels"
+    key = make_key(d, "small-session-quota", quotas={"containers": 1, "sessions": 1, "kernels": 1})
     s1 = call(d, "POST", "/v1/sessions", key, {"language": "bash"})
     assert s1.status_code == 201
     assert call(d, "POST", "/v1/sessions", key, {"language": "bash"}).json()["error"]["code"] == "QUOTA_EXCEEDED"

@@ -1,4 +1,8 @@
-"""/v1/images: list, pull, remove."""
+"""/v1/images: list, pull, remove.
+
+Any key may list and pull images. Removing one is for admin keys only (a ``user`` key gets
+403 ``FORBIDDEN``, as for ``/v1/keys`` and ``/v1/audit``): images are the node's, shared by
+every key's containers, kernels and sessions, not owned by the key that pulled them."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import re
 import falcon
 
 from berthd.domain import image as im
-from berthd.domain.errors import ValidationError
+from berthd.domain.errors import Forbidden, ValidationError
 from berthd.http.deps import Deps
 from berthd.http.resources._common import context_of
 from berthd.http.views import ImageList, ImageView
@@ -50,6 +54,8 @@ class ImageItem:
         self.deps = deps
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, ref: str) -> None:
+        if not context_of(req).is_admin:
+            raise Forbidden("removing images needs an admin key (images are shared by every key on the node)")
         if len(ref) > 512 or not re.fullmatch(im.REF_PATTERN, ref):
             raise ValidationError("not an image reference (like busybox:latest or host:5000/repo:tag)",
                                   field="ref")
