@@ -20,7 +20,9 @@ class ConfigError(Exception):
 
 
 class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    # request bodies and file uploads, and file downloads (a bigger file answers 413)
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 16 << 20
+    # per exec stream; GET /logs answers the last 8x this
     output_cap_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 1 << 20
     read_your_writes_timeout: Annotated[float, msgspec.Meta(gt=0)] = 5.0
     command_timeout: Annotated[float, msgspec.Meta(gt=0)] = 600.0

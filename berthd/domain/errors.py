@@ -230,7 +230,7 @@ class StoreUnavailable(BerthdError):
 _BY_CODE: dict[str, type[BerthdError]] = {
     cls.code: cls
     for cls in (ValidationError, InvalidPath, WorkdirNotFound, PathForbidden, MountForbidden,
-                PathNotFound)
+                PathNotFound, PayloadTooLarge)
 }
 
 

@@ -8,7 +8,9 @@ file descriptor, ``..`` is refused outright, and the final file is opened with
 ``O_NOFOLLOW`` too (and must be a regular file). A symlink anywhere on the path is a
 ``PathForbidden`` (403), never a hop; a missing file or parent is ``FileNotFound`` (404);
 a path that is relative, has ``..``, names a directory or leaves the reachable roots is
-``InvalidPath`` (400).
+``InvalidPath`` (400). A read may be capped (``max_bytes``): a bigger file is
+``FileTooLarge`` (413), told by its size before any of it is read, and never more than
+``max_bytes + 1`` bytes are held (a file growing while it is read is caught too).
 """
 
 from __future__ import annotations
@@ -19,7 +21,13 @@ import stat
 import uuid
 from collections.abc import Mapping
 
-from berthd.runtime.base import FileNotFound, InvalidPath, PathForbidden, RuntimeFailure
+from berthd.runtime.base import (
+    FileNotFound,
+    FileTooLarge,
+    InvalidPath,
+    PathForbidden,
+    RuntimeFailure,
+)
 
 __all__ = ["is_dir", "read_file", "split_container_path", "write_file"]
 
@@ -129,8 +137,9 @@ def write_file(
         os.close(dir_fd)
 
 
-def read_file(base: str, parts: list[str], path: str) -> bytes:
-    """The bytes of regular file ``parts`` under ``base`` (no symlink, FIFO or device)."""
+def read_file(base: str, parts: list[str], path: str, max_bytes: int | None = None) -> bytes:
+    """The bytes of regular file ``parts`` under ``base`` (no symlink, FIFO or device);
+    ``FileTooLarge`` beyond ``max_bytes`` (None: no cap)."""
     dir_fd = _open_parent(base, parts, path)
     try:
         try:
@@ -150,10 +159,26 @@ def read_file(base: str, parts: list[str], path: str) -> bytes:
             raise InvalidPath(f"{path!r} is a directory", field="path")
         if not stat.S_ISREG(info.st_mode):
             raise InvalidPath(f"{path!r} is not a regular file", field="path")
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise _too_large(path, info.st_size, max_bytes)
         os.set_blocking(fd, True)
+        budget = None if max_bytes is None else max_bytes + 1  # +1: growth past the cap shows
         chunks: list[bytes] = []
-        while chunk := os.read(fd, 1 << 20):
+        got = 0
+        while budget is None or got < budget:
+            chunk = os.read(fd, 1 << 20 if budget is None else min(1 << 20, budget - got))
+            if not chunk:
+                break
             chunks.append(chunk)
+            got += len(chunk)
+        if max_bytes is not None and got > max_bytes:
+            raise _too_large(path, max(got, os.fstat(fd).st_size), max_bytes)
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def _too_large(path: str, size: int, limit: int) -> FileTooLarge:
+    return FileTooLarge(
+        f"{path!r} is {size} bytes; downloads are limited to {limit} bytes", size=size, limit=limit
+    )

@@ -16,8 +16,9 @@ client error they become (``berthd.domain.errors.for_code``): a file or host pat
 not exist (``FileNotFound``, ``HostPathNotFound``: 404), a bad path (``InvalidPath``: 400),
 a missing working directory (``WorkdirNotFound``: 400), a path that leaves its jail
 (``PathForbidden``, ``MountForbidden``: 403), an unknown security profile
-(``UnknownProfile``: 400). This module stays stdlib-only (the local shim imports it), so
-the mapping goes by code, not by class.
+(``UnknownProfile``: 400), a file too big to download (``FileTooLarge``: 413). This
+module stays stdlib-only (the local shim imports it), so the mapping goes by code, not by
+class.
 
 Shared directories: a container created with ``ContainerSpec.berth_dir`` gets a directory
 that is the same on the host and inside the sandbox (``Runtime.berth_dir``), writable by
@@ -60,6 +61,7 @@ __all__ = [
     "SandboxStatus",
     "ExitNotice",
     "FileNotFound",
+    "FileTooLarge",
     "HostPathNotFound",
     "InvalidPath",
     "MountForbidden",
@@ -104,6 +106,13 @@ class FileNotFound(RuntimeFailure):
     """A file (or its parent directory) does not exist in the container (404)."""
 
     code = "PATH_NOT_FOUND"
+
+
+class FileTooLarge(RuntimeFailure):
+    """A file to download is bigger than the cap the caller gave (413); ``details``
+    carries ``size`` (bytes, as far as known) and ``limit``."""
+
+    code = "PAYLOAD_TOO_LARGE"
 
 
 class HostPathNotFound(RuntimeFailure):
@@ -362,6 +371,14 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     def logs(self, berth_id: str, tail: int | None = None) -> bytes: ...
 
+    def logs_capped(self, berth_id: str, tail: int | None, max_bytes: int) -> bytes:
+        """The last ``max_bytes`` bytes of ``logs(berth_id, tail)``, holding no more than
+        about that much in memory while reading them (runtimes override this default,
+        which reads everything first)."""
+        if max_bytes <= 0:
+            return b""
+        return self.logs(berth_id, tail)[-max_bytes:]
+
     @abc.abstractmethod
     def follow_logs(self, berth_id: str) -> Iterator[bytes]:
         """Existing logs, then new output as it comes, until the container stops."""
@@ -378,6 +395,18 @@ class Runtime(abc.ABC):
 
     @abc.abstractmethod
     def get_file(self, berth_id: str, path: str) -> bytes: ...
+
+    def get_file_capped(self, berth_id: str, path: str, max_bytes: int) -> bytes:
+        """``get_file``, but a file of more than ``max_bytes`` bytes is ``FileTooLarge``,
+        decided without reading more than ``max_bytes + 1`` of it into memory (runtimes
+        override this default, which reads the whole file first)."""
+        data = self.get_file(berth_id, path)
+        if len(data) > max_bytes:
+            raise FileTooLarge(
+                f"{path!r} is {len(data)} bytes; downloads are limited to {max_bytes}",
+                size=len(data), limit=max_bytes,
+            )
+        return data
 
     # images
     @abc.abstractmethod

@@ -8,8 +8,14 @@ execs) have no read timeout, as they legitimately stay quiet.
 
 Containers are named ``berth-<berth_id>`` and labelled ``berth.id``, ``berth.node``,
 ``berth.profile`` (and ``berth.name``), run with ``init=True`` (a real PID 1 forwards
-signals and reaps, so stop does not wait its full timeout) and ports published on
-127.0.0.1 only.
+signals and reaps, so stop does not wait its full timeout), ports published on
+127.0.0.1 only and the ``json-file`` log driver bounded to ``max-size`` 10m, ``max-file``
+2 (the engine keeps at most ~20 MB of a container's output; older output is dropped).
+
+Downloads and logs are read as streams and never held whole: a file download
+(``get_file_capped``) is refused from the engine's path-stat header when it names a
+directory or a file over the cap, and the archive is read only up to its first member's
+cap + 1 bytes; ``logs_capped`` keeps only the last bytes asked for while streaming.
 
 Security profile (``berthd.runtime.security``), on every container: ``cap_drop ALL``,
 ``no-new-privileges``; from the profile: ``pids_limit``, ``mem_limit`` equal to
@@ -39,6 +45,7 @@ this host (a remote engine would bind a path of its own machine).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import logging
@@ -60,6 +67,7 @@ from typing import Any
 import docker
 import docker.errors
 import docker.types
+import docker.utils
 import requests
 import urllib3.exceptions
 from docker.models.containers import Container
@@ -83,6 +91,7 @@ from berthd.runtime.base import (
     ExecStream,
     ExitNotice,
     FileNotFound,
+    FileTooLarge,
     ImageInfo,
     ImageMissing,
     InvalidPath,
@@ -117,6 +126,13 @@ _UNREACHABLE = (
 )
 _KILL_GRACE = 3.0
 _CHUNK = 65536
+# Bits of Go's os.FileMode in the engine's X-Docker-Container-Path-Stat header.
+_MODE_DIR = 1 << 31
+_MODE_SYMLINK = 1 << 27
+# The log driver of every container we create: output beyond this is rotated away, so
+# the engine's disk and a logs read stay bounded.
+_LOG_DRIVER = "json-file"
+_LOG_OPTIONS = {"max-size": "10m", "max-file": "2"}
 _BERTH_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -141,6 +157,35 @@ def _explain(exc: BaseException) -> str:
     if isinstance(explanation, bytes):
         explanation = explanation.decode(errors="replace")
     return str(explanation or exc).strip()
+
+
+def _too_large(path: str, size: int, limit: int) -> FileTooLarge:
+    return FileTooLarge(
+        f"{path!r} is {size} bytes; downloads are limited to {limit} bytes", size=size, limit=limit
+    )
+
+
+class _ChunkReader(io.RawIOBase):
+    """A read-only file over an iterator of byte chunks (for ``tarfile``'s stream mode)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        super().__init__()
+        self._chunks = chunks
+        self._buffer = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target: Any) -> int:
+        while not self._buffer:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self._buffer = memoryview(chunk)
+        n = min(len(target), len(self._buffer))
+        target[:n] = self._buffer[:n]
+        self._buffer = self._buffer[n:]
+        return n
 
 
 def _status_of(attrs: dict[str, Any]) -> SandboxStatus:
@@ -318,6 +363,7 @@ class DockerRuntime(Runtime):
             "cap_drop": ["ALL"],
             "security_opt": ["no-new-privileges:true"],
             "read_only": profile.read_only_root,
+            "log_config": docker.types.LogConfig(type=_LOG_DRIVER, config=dict(_LOG_OPTIONS)),
         }
         network = spec.network and profile.network
         if not network:
@@ -572,6 +618,33 @@ class DockerRuntime(Runtime):
             )
         return bytes(data)
 
+    def logs_capped(self, berth_id: str, tail: int | None, max_bytes: int) -> bytes:
+        """The logs streamed from the engine, keeping only the last ``max_bytes`` (plus at
+        most one log frame) in memory."""
+        if max_bytes <= 0 or (tail is not None and tail <= 0):
+            self._container(berth_id)  # still SandboxNotFound for an unknown container
+            return b""
+        container = self._container(berth_id)
+        kept: collections.deque[bytes] = collections.deque()
+        total = 0
+        with self._errors("logs", berth_id):
+            stream = container.logs(
+                stdout=True, stderr=True, stream=True, follow=False,
+                tail="all" if tail is None else tail,
+            )
+            try:
+                for chunk in stream:
+                    if not chunk:
+                        continue
+                    kept.append(chunk)
+                    total += len(chunk)
+                    while total - len(kept[0]) >= max_bytes:
+                        total -= len(kept.popleft())
+            finally:
+                with contextlib.suppress(Exception):
+                    stream.close()
+        return b"".join(kept)[-max_bytes:]
+
     def follow_logs(self, berth_id: str) -> Iterator[bytes]:
         container = self._container(berth_id)
         with self._errors("logs", berth_id):
@@ -637,33 +710,84 @@ class DockerRuntime(Runtime):
             raise
 
     def get_file(self, berth_id: str, path: str) -> bytes:
+        return self._get_file(berth_id, path, None)
+
+    def get_file_capped(self, berth_id: str, path: str, max_bytes: int) -> bytes:
+        return self._get_file(berth_id, path, max_bytes)
+
+    def _get_file(self, berth_id: str, path: str, max_bytes: int | None) -> bytes:
         if not path.startswith("/") or "\0" in path:
             raise InvalidPath(f"file path must be absolute: {path!r}")
         container = self._container(berth_id)
+        api = self._docker().api
         current = path
         for _ in range(8):  # symlinks are resolved by the engine inside the container
             with self._file_errors(path, berth_id):
-                chunks, _stat = container.get_archive(current)
-                data = b"".join(chunks)
-            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-                member = tar.next()
-                if member is None:
-                    raise FileNotFound(f"get_file {path}: empty archive from the engine")
-                if member.issym():
-                    target = member.linkname
-                    current = (
-                        target
-                        if target.startswith("/")
-                        else posixpath.join(posixpath.dirname(current), target)
-                    )
-                    continue
-                if member.isdir():
+                response, stat = self._open_archive(api, str(container.id), current)
+            try:
+                mode = int(stat.get("mode") or 0)
+                if mode & _MODE_DIR:  # refused before a byte of the archive is read
                     raise InvalidPath(f"{path!r} is a directory")
-                extracted = tar.extractfile(member) if member.isfile() else None
-                if extracted is None:
-                    raise InvalidPath(f"{path!r} is not a regular file")
-                return extracted.read()
+                size = int(stat.get("size") or 0)
+                if max_bytes is not None and not mode & _MODE_SYMLINK and size > max_bytes:
+                    raise _too_large(path, size, max_bytes)
+                with self._file_errors(path, berth_id):
+                    try:
+                        found = self._first_member(response, path, max_bytes)
+                    except tarfile.TarError as exc:
+                        raise RuntimeFailure(f"get_file {path}: bad archive from the engine: {exc}") from None
+            finally:
+                response.close()
+            if isinstance(found, bytes):
+                return found
+            current = found if found.startswith("/") else posixpath.join(posixpath.dirname(current), found)
         raise InvalidPath(f"{path!r}: too many levels of symbolic links")
+
+    def _open_archive(self, api: Any, container_id: str, path: str) -> tuple[requests.Response, dict[str, Any]]:
+        """``GET /containers/{id}/archive`` as a stream the caller closes, and the decoded
+        path-stat header. (The SDK's ``get_archive`` hides the response, so a download cut
+        short could not close its connection.)"""
+        response = api.get(
+            f"{api.base_url}/v{api.api_version}/containers/{container_id}/archive",
+            params={"path": path},
+            headers={"Accept-Encoding": "identity"},
+            stream=True,
+            timeout=self._timeout,
+        )
+        try:
+            response.raise_for_status()
+        except requests.exceptions.HTTPError as exc:
+            try:
+                docker.errors.create_api_error_from_http_exception(exc)  # reads the message, raises
+            finally:
+                response.close()
+            raise
+        header = response.headers.get("X-Docker-Container-Path-Stat")
+        try:
+            stat = docker.utils.decode_json_header(header) if header else {}
+        except ValueError:
+            stat = {}
+        return response, stat if isinstance(stat, dict) else {}
+
+    @staticmethod
+    def _first_member(response: requests.Response, path: str, max_bytes: int | None) -> bytes | str:
+        """The content of the archive's first member (a regular file), or the target of a
+        symlink; the tar is read as a stream, never beyond ``max_bytes + 1`` of content."""
+        reader = _ChunkReader(response.iter_content(_CHUNK))
+        with tarfile.open(fileobj=reader, mode="r|") as tar:
+            member = tar.next()
+            if member is None:
+                raise FileNotFound(f"get_file {path}: empty archive from the engine")
+            if member.issym():
+                return member.linkname
+            if member.isdir():
+                raise InvalidPath(f"{path!r} is a directory")
+            if max_bytes is not None and member.size > max_bytes:
+                raise _too_large(path, member.size, max_bytes)
+            extracted = tar.extractfile(member) if member.isfile() else None
+            if extracted is None:
+                raise InvalidPath(f"{path!r} is not a regular file")
+            return extracted.read()
 
     # ------------------------------------------------------------------ images
 

@@ -1124,6 +1124,25 @@ class LocalRuntime(Runtime):
         lines = data.splitlines(keepends=True)
         return b"".join(lines[-tail:])
 
+    def logs_capped(self, berth_id: str, tail: int | None, max_bytes: int) -> bytes:
+        """Only the last ``max_bytes`` of the log file are read (a seek from its end): the
+        last ``tail`` lines of that window are the last ``max_bytes`` of the last ``tail``
+        lines of the whole log."""
+        paths = self._paths(berth_id)
+        self._spec(paths, berth_id)
+        if max_bytes <= 0 or (tail is not None and tail <= 0):
+            return b""
+        try:
+            with open(paths.log, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                f.seek(max(0, size - max_bytes))
+                data = f.read(max_bytes)
+        except FileNotFoundError:
+            return b""
+        if tail is not None:
+            data = b"".join(data.splitlines(keepends=True)[-tail:])
+        return data
+
     def follow_logs(self, berth_id: str) -> Iterator[bytes]:
         paths = self._paths(berth_id)
         spec = self._spec(paths, berth_id)
@@ -1175,6 +1194,11 @@ class LocalRuntime(Runtime):
         roots, _ = self._file_roots(berth_id)
         base, parts = _files.split_container_path(path, roots)
         return _files.read_file(base, parts, path)
+
+    def get_file_capped(self, berth_id: str, path: str, max_bytes: int) -> bytes:
+        roots, _ = self._file_roots(berth_id)
+        base, parts = _files.split_container_path(path, roots)
+        return _files.read_file(base, parts, path, max_bytes)
 
     # ------------------------------------------------------------------ images
 

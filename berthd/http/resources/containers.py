@@ -11,7 +11,7 @@ from berthd.actors import ExecOutcome
 from berthd.actors.container import map_runtime_error
 from berthd.domain import container as c
 from berthd.domain.base import Command
-from berthd.domain.errors import Conflict, ValidationError
+from berthd.domain.errors import Conflict, PayloadTooLarge, ValidationError
 from berthd.http.deps import Deps
 from berthd.http.resources._common import (
     context_of,
@@ -139,13 +139,14 @@ class ContainerLogs:
         state = find_container(self.deps, id, context_of(req))
         tail = query_int(req, "tail", -1, -1, 1 << 24)
         runtime = _runtime_of(self.deps, state)
+        # the last `cap` bytes (of the last `tail` lines), read without holding more
+        cap = self.deps.limits.output_cap_bytes * 8
         try:
-            data = runtime.logs(state.id, tail=None if tail < 0 else tail)
+            data = runtime.logs_capped(state.id, None if tail < 0 else tail, cap)
         except rt.SandboxNotFound:
             raise Conflict(f"container {state.name} is {state.status}; it has no logs any more") from None
         except rt.RuntimeError_ as exc:
             raise map_runtime_error(exc) from exc
-        cap = self.deps.limits.output_cap_bytes * 8
         send_json(resp, {"logs": data[-cap:].decode("utf-8", "replace")})
 
 
@@ -173,10 +174,14 @@ class ContainerFiles:
         state = find_container(self.deps, id, context_of(req))
         runtime = _runtime_of(self.deps, state)
         started = time.monotonic()
+        # a download is capped like an upload: a bigger file is refused (413), never read
+        cap = self.deps.limits.max_body_bytes
         try:
-            data = runtime.get_file(state.id, path)
+            data = runtime.get_file_capped(state.id, path, cap)
         except rt.SandboxNotFound:
             raise Conflict(f"container {state.name} is {state.status}") from None
+        except rt.FileTooLarge as exc:
+            raise PayloadTooLarge(str(exc), **exc.details) from None
         except rt.RuntimeError_ as exc:
             raise map_runtime_error(exc) from exc
         resp.content_type = "application/octet-stream"
