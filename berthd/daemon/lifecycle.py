@@ -3,6 +3,12 @@
 Boot = lock the data dir → open the store → projections (checkpoints, then the tail) → runtimes and their
 watchers → reconcile the log with the runtimes → admin key → listeners → endpoints.json.
 Stop = the other way, then ``ActorRegistry.stop_all()`` for anything left.
+
+The data dir is private (docs/security.md): it is made, or tightened if it exists, 0700,
+and what the daemon keeps there is 0600 whatever the umask: the SQLite log (created 0600
+before SQLite opens it, so its -wal and -shm, which SQLite gives the database's mode, are
+too), idempotency.db, the checkpoints, admin.key, node-id, endpoints.json. Files left
+group/world readable by an older version are tightened at start.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import logging
 import os
 import pathlib
 import secrets
+import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TextIO
@@ -105,10 +112,15 @@ class Daemon:
     def _start(self) -> None:
         cfg = self.config
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.data_dir, 0o700)  # an existing one too: it holds the log and the admin key
         self._lock_data_dir()
+        _tighten(self.data_dir)
         node_id = cfg.node_id or self._node_id()
         self.node_id = node_id
 
+        if cfg.store == "sqlite":
+            for suffix in ("", "-wal", "-shm"):  # SQLite makes -wal/-shm with the db's mode
+                _private_file(self.data_dir / f"berthd.db{suffix}", create=not suffix)
         store = open_store(store_url(cfg), EVENT_TYPES)
         self._push("store", store.close)
         self.store = store
@@ -116,7 +128,7 @@ class Daemon:
         containers, images_view, audit, keys = ContainersView(), ImagesView(), AuditView(), KeysView()
         kernels_view, results, sessions_view = KernelsView(), ResultsView(), SessionsView()
         # checkpoints: only the log's tail is replayed at boot (none for a memory store)
-        checkpoints = None if cfg.store in ("memory", "memory://") else CheckpointDir(self.data_dir / "checkpoints")
+        checkpoints = None if cfg.store in ("memory", "memory://") else _PrivateCheckpoints(self.data_dir / "checkpoints")
         runner = ProjectionRunner(store, [containers, images_view, audit, keys, kernels_view, results,
                                           sessions_view], checkpoints=checkpoints)
         runner.restore_checkpoints()
@@ -199,6 +211,8 @@ class Daemon:
                         "install bubblewrap (apt-get install bubblewrap) for isolation")
 
         limits = Limits(**{f: getattr(cfg.limits, f) for f in cfg.limits.__struct_fields__})
+        for suffix in ("", "-wal", "-shm"):
+            _private_file(self.data_dir / f"idempotency.db{suffix}", create=not suffix)
         idempotency = IdempotencyStore(str(self.data_dir / "idempotency.db"), self.clock, cfg.idempotency_ttl)
         self._push("idempotency", idempotency.close)
         self.deps = Deps(
@@ -266,7 +280,7 @@ class Daemon:
     def _write_endpoints(self) -> None:
         path = self.data_dir / "endpoints.json"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.endpoints, indent=2) + "\n")
+        _write_private(tmp, json.dumps(self.endpoints, indent=2) + "\n")
         os.replace(tmp, path)
         self._push("endpoints.json", lambda: path.unlink(missing_ok=True))
 
@@ -330,7 +344,7 @@ class Daemon:
         if path.exists():
             return path.read_text().strip()
         node_id = secrets.token_hex(6)
-        path.write_text(node_id + "\n")
+        _write_private(path, node_id + "\n")
         return node_id
 
     def _runtimes(self, node_id: str) -> tuple[dict[str, Runtime], str]:
@@ -402,6 +416,59 @@ class Daemon:
             if self.out is not None:
                 self.out.write(msg)
                 self.out.flush()
+
+
+class _PrivateCheckpoints(CheckpointDir):
+    """Checkpoints written 0600 in a 0700 directory (``CheckpointDir`` follows the umask)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        super().__init__(path)
+        if self.path.is_dir() and not self.path.is_symlink():
+            os.chmod(self.path, 0o700)
+            _tighten(self.path)
+
+    def write(self, name: str, data: bytes) -> None:
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        target = self.file(name)
+        tmp = target.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o600)  # a .tmp left by a crash kept its old mode
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+
+
+def _private_file(path: pathlib.Path, *, create: bool) -> None:
+    """``path`` 0600: made empty if missing and ``create``, tightened if it exists."""
+    flags = os.O_RDWR | os.O_NOFOLLOW | (os.O_CREAT if create else 0)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileNotFoundError:
+        return
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
+def _write_private(path: pathlib.Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        os.fchmod(fh.fileno(), 0o600)
+        fh.write(text)
+
+
+def _tighten(directory: pathlib.Path) -> None:
+    """Take group and world access off the regular files directly in ``directory``."""
+    for entry in os.scandir(directory):
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
+                os.chmod(entry.path, stat.S_IMODE(st.st_mode) & 0o700)
+        except FileNotFoundError:
+            continue
 
 
 def _fmt(addr: tuple[str, int]) -> str:

@@ -45,6 +45,9 @@ __all__ = [
     "FileWritten",
     "KillContainer",
     "Limits",
+    "MIN_CPUS",
+    "MIN_MEMORY_MB",
+    "MIN_PIDS",
     "Mount",
     "PortMapping",
     "RemoveContainer",
@@ -91,10 +94,37 @@ class PortMapping(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     host_port: Port | None = None
 
 
+MIN_MEMORY_MB = 6
+"""Docker's engine minimum (``Minimum memory limit allowed is 6MB``); less is a 502 there."""
+MIN_CPUS = 0.01
+"""The kernel's smallest CFS quota, 1 ms per 100 ms period: Docker writes ``cpus * 100000`` to
+``cpu.cfs_quota_us`` and runc fails the start below 1000 (EINVAL)."""
+MIN_PIDS = 8
+"""The pids limit counts the sandbox's own processes: the local runtime's main process needs
+4 (shim, bubblewrap and its init, the command) and each exec 3 more (bubblewrap and its init,
+the command); Docker's needs 2 (its init and the command). Below 4 the local sandbox cannot
+start (1: EAGAIN, a 502; 2-3: it exits 1 at once), below 7 no exec can run; 8 runs the
+command and one exec with a spare."""
+
+
 class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    # The bounds here are the ones events were recorded with (they decode through this type
+    # too); a new create is held to the stricter minima in ``check`` (``decide``).
     memory_mb: Annotated[int, msgspec.Meta(ge=4, le=1 << 20)] | None = None
     cpus: Annotated[float, msgspec.Meta(gt=0, le=1024)] | None = None
     pids: Annotated[int, msgspec.Meta(ge=1, le=1 << 22)] | None = None
+
+    def check(self) -> None:
+        """400 naming the field for a limit no runtime can apply (the ``MIN_*`` above)."""
+        if self.memory_mb is not None and self.memory_mb < MIN_MEMORY_MB:
+            raise ValidationError(f"limits.memory_mb must be at least {MIN_MEMORY_MB} (MiB), "
+                                  f"not {self.memory_mb}", field="limits.memory_mb")
+        if self.cpus is not None and self.cpus < MIN_CPUS:
+            raise ValidationError(f"limits.cpus must be at least {MIN_CPUS}, not {self.cpus}",
+                                  field="limits.cpus")
+        if self.pids is not None and self.pids < MIN_PIDS:
+            raise ValidationError(f"limits.pids must be at least {MIN_PIDS} (the sandbox's own "
+                                  f"processes count against it), not {self.pids}", field="limits.pids")
 
 
 # ---------------------------------------------------------------------------- commands
@@ -443,6 +473,7 @@ def decide(state: ContainerState | None, command: Command, *, now: str = "", new
     if isinstance(command, CreateContainer):
         if state is not None:
             raise Conflict(f"container {new_id} already exists", id=new_id)
+        command.limits.check()
         return [ContainerCreateRequested(
             id=new_id, name=name or command.name or f"berth-{new_id}", image=command.image,
             runtime=runtime, command=list(command.command), env=dict(command.env),

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from berthd.domain import container as c
-from berthd.domain.errors import Conflict
+from berthd.domain.errors import Conflict, ValidationError
 
 NOW = "2026-11-22T10:00:00.000Z"
 
@@ -175,3 +176,36 @@ def test_every_reconcile_outcome_leaves_no_pending_operation() -> None:
         for view in views:
             after = apply(base, *c.reconcile(base, view, NOW))
             assert after.pending is None, (base.status, base.pending, view)
+
+
+@pytest.mark.parametrize(("limits", "field"), [
+    ({"memory_mb": 4}, "limits.memory_mb"), ({"memory_mb": 5}, "limits.memory_mb"),
+    ({"cpus": 0.0001}, "limits.cpus"), ({"cpus": 0.009}, "limits.cpus"),
+    ({"pids": 1}, "limits.pids"), ({"pids": 7}, "limits.pids"),
+    ({"memory_mb": 512, "pids": 2}, "limits.pids"),
+])
+def test_create_refuses_limits_no_runtime_can_apply(limits: dict[str, object], field: str) -> None:
+    # valid for the schema (the log decodes through it), refused before anything is recorded:
+    # the runtimes would answer 502 (Docker: engine minimum 6 MB, CFS quota >= 1 ms per 100 ms;
+    # local: the sandbox's own processes count against pids)
+    body = msgspec.json.encode({"image": "busybox", "limits": limits})
+    cmd = msgspec.json.decode(body, type=c.CreateContainer)
+    with pytest.raises(ValidationError) as info:
+        c.decide(None, cmd, now=NOW, new_id="abc123abc123", runtime="docker")
+    assert info.value.status == 400 and info.value.code == "VALIDATION_ERROR"
+    assert info.value.details.get("field") == field
+
+
+def test_create_accepts_the_smallest_limits_every_runtime_applies() -> None:
+    limits = c.Limits(memory_mb=c.MIN_MEMORY_MB, cpus=c.MIN_CPUS, pids=c.MIN_PIDS)
+    assert (limits.memory_mb, limits.cpus, limits.pids) == (6, 0.01, 8)
+    assert created(limits=limits).limits == limits
+
+
+def test_events_recorded_with_smaller_limits_still_replay() -> None:
+    # the minima hold for new creates only: a log written before them must still decode
+    raw = msgspec.json.encode(c.ContainerCreateRequested(
+        id="abc123abc123", name="old", image="busybox", runtime="local",
+        limits=c.Limits(memory_mb=4, pids=2)))
+    event = msgspec.json.decode(raw, type=c.ContainerCreateRequested)
+    assert c.replay([event]).limits == c.Limits(memory_mb=4, pids=2)  # type: ignore[union-attr]
