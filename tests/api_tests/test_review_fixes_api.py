@@ -281,3 +281,15 @@ def test_an_accepted_websocket_handshake_carries_the_rate_limit_headers(d: Daemo
     # the bootstrap admin key and unlimited keys get none
     with connect(f"{d.ws}/v1/events", additional_headers=d.headers) as ws:
         assert ws.response is not None and "X-RateLimit-Limit" not in ws.response.headers
+
+
+def test_metrics_need_an_admin_key(d: DaemonProcess) -> None:
+    # node-wide figures (every key's entities counted together): not for user keys
+    user = make_key(d, "metrics-user")
+    r = call(d, "GET", "/metrics", user)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "FORBIDDEN"
+    assert requests.get(d.url("/metrics"), timeout=10).status_code == 401
+    assert "berthd_log_position" in d.get("/metrics").text
+    # probes stay open
+    assert requests.get(d.url("/v1/health"), timeout=10).status_code == 200
+    assert requests.get(d.url("/v1/ready"), timeout=10).status_code == 200

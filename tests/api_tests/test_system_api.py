@@ -26,7 +26,8 @@ def test_ready_info_openapi_docs_metrics(local_daemon: DaemonProcess) -> None:
     assert "/v1/containers" in spec["paths"] and "CreateContainer" in spec["components"]["schemas"]
     assert "swagger-ui" in requests.get(d.url("/docs"), timeout=10).text
     assert requests.get(d.url("/docs/swagger-ui-bundle.js"), timeout=10).status_code == 200
-    assert "berthd_log_position" in requests.get(d.url("/metrics"), timeout=10).text
+    assert "berthd_log_position" in d.get("/metrics").text
+    assert requests.get(d.url("/metrics"), timeout=10).status_code == 401  # node-wide figures: a key
 
 
 def test_data_dir_files(local_daemon: DaemonProcess) -> None:

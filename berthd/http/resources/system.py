@@ -9,7 +9,9 @@ import falcon
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from berthd.domain.errors import Forbidden
 from berthd.http.deps import Deps
+from berthd.http.resources._common import context_of
 from berthd.http.wire import send_json
 
 __all__ = ["Health", "Ready", "Info", "Metrics"]
@@ -121,12 +123,15 @@ class _Collector:
 
 
 class Metrics:
-    auth = False
+    """Node-wide figures (every key's entities counted together): for admin keys. A
+    Prometheus scrape sends one with ``authorization: {credentials: KEY}``."""
 
     def __init__(self, deps: Deps) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(deps))
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        if not context_of(req).is_admin:
+            raise Forbidden("the metrics cover every key's entities: they need an admin key")
         resp.content_type = "text/plain; version=0.0.4; charset=utf-8"
         resp.data = generate_latest(self.registry)
