@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from berthd.domain.container import MIN_CPUS, MIN_MEMORY_MB, MIN_PIDS
+
 __all__ = ["Config", "ConfigError", "LimitsConfig", "ProfileConfig", "QuotasConfig", "RateLimitsConfig", "ServerConfig", "load_config", "parse_listen",
            "default_data_dir", "ENV_FIELDS"]
 
@@ -71,6 +73,13 @@ class ProfileConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pids: Annotated[int, msgspec.Meta(ge=0)] | None = None
     read_only_root: bool | None = None
     tmp_size_mb: Annotated[int, msgspec.Meta(ge=1)] | None = None
+
+    def __post_init__(self) -> None:
+        # below these a runtime cannot run a sandbox at all (see berthd.domain.container)
+        for name, low in (("memory_mb", MIN_MEMORY_MB), ("cpus", MIN_CPUS), ("pids", MIN_PIDS)):
+            value = getattr(self, name)
+            if value is not None and 0 < value < low:
+                raise ValueError(f"{name} must be 0 (no limit) or at least {low}, not {value}")
 
 
 ProfileName = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]

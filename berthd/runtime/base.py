@@ -44,6 +44,7 @@ __all__ = [
     "SANDBOX_BERTH_DIR",
     "BerthDir",
     "CommandMissing",
+    "LimitRefused",
     "ContainerSpec",
     "ExecResult",
     "ExecSpec",
@@ -156,6 +157,13 @@ class UnknownProfile(RuntimeFailure):
 class CommandMissing(RuntimeFailure):
     """No command to run: none given and the image has no default, or the executable is
     not in the sandbox (400, field ``command``)."""
+
+    code = "VALIDATION_ERROR"
+
+
+class LimitRefused(RuntimeFailure):
+    """A limit the client asked for that this host cannot give, which the request could
+    not know (e.g. more CPUs than the host has): 400, ``field`` names it."""
 
     code = "VALIDATION_ERROR"
 

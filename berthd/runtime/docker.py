@@ -95,6 +95,7 @@ from berthd.runtime.base import (
     ImageInfo,
     ImageMissing,
     InvalidPath,
+    LimitRefused,
     Runtime,
     RuntimeError_,
     RuntimeFailure,
@@ -270,6 +271,10 @@ class DockerRuntime(Runtime):
             text = _explain(exc)
             if "No command specified" in text or "executable file not found" in text:
                 raise CommandMissing(f"{what}: {text}", field="command") from None
+            if "Range of CPUs" in text:  # more than the host has
+                raise LimitRefused(f"{what}: {text}", field="limits.cpus") from None
+            if "Minimum memory limit" in text:
+                raise LimitRefused(f"{what}: {text}", field="limits.memory_mb") from None
             raise RuntimeFailure(f"{what}: {text}") from None
         except _UNREACHABLE as exc:
             raise RuntimeUnavailable(f"Docker engine unreachable during {what}: {exc}") from None

@@ -54,6 +54,13 @@ def test_config_names_what_is_wrong(tmp_path: Path) -> None:
     config.write_text("[profiles.build]\npids = -1\n")
     with pytest.raises(ConfigError, match="pids"):
         load_config({"config": str(config)}, env={})
+    # below what a runtime can run a sandbox with: refused at load, 0 (no limit) is fine
+    for line, field in (("pids = 3", "pids"), ("memory_mb = 4", "memory_mb"), ("cpus = 0.001", "cpus")):
+        config.write_text(f"[profiles.build]\n{line}\n")
+        with pytest.raises(ConfigError, match=f"{field} must be 0 .no limit. or at least"):
+            load_config({"config": str(config)}, env={})
+    config.write_text("[profiles.build]\npids = 0\nmemory_mb = 0\ncpus = 0\n")
+    load_config({"config": str(config)}, env={})
 
 
 def test_control_paths_inside_a_root(tmp_path: Path) -> None:

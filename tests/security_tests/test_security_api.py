@@ -26,6 +26,9 @@ host_roots = ["{root}"]
 network = true
 pids = 512
 memory_mb = 0
+
+[profiles.unbounded]
+cpus = 0
 """
 
 
@@ -247,3 +250,11 @@ def test_host_directories_need_an_admin_key(daemon: DaemonProcess) -> None:
     user = {"Authorization": f"Bearer {r.json()['key']}"}
     r = requests.post(daemon.url("/v1/host/directories"), json={}, headers=user, timeout=30)
     assert (r.status_code, _error(r)["code"]) == (403, "FORBIDDEN")
+
+
+def test_more_cpus_than_the_host_has_is_a_client_error(docker_daemon: DaemonProcess) -> None:
+    # with a profile that sets no CPU ceiling the engine checks against the host: its
+    # refusal is the client's (400 naming the field), not a runtime failure (502)
+    r = _create(docker_daemon, BUSYBOX_IMAGE, profile="unbounded", limits={"cpus": (os.cpu_count() or 1) + 1})
+    assert r.status_code == 400, r.text
+    assert (_error(r)["code"], _error(r)["details"].get("field")) == ("VALIDATION_ERROR", "limits.cpus")
