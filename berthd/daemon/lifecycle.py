@@ -251,7 +251,8 @@ class Daemon:
             ServerLimits(threads=s.threads, connection_limit=s.connection_limit,
                          channel_timeout=s.channel_timeout, header_timeout=s.header_timeout,
                          request_timeout=s.request_timeout, per_client_connections=s.per_client_connections,
-                         max_request_body_size=2 * cfg.limits.max_body_bytes + (1 << 20)),
+                         max_request_body_size=2 * cfg.limits.max_body_bytes + (1 << 20),
+                         max_body_bytes=cfg.limits.max_body_bytes),
         )
         self.http.start()
         self._push("http", self.http.stop)

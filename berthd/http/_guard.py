@@ -11,6 +11,11 @@ therefore lock everyone else out. Two rules close that hole:
   deadline is closed at the next maintenance pass (every ``cleanup_interval`` seconds);
 * one client address holds at most ``per_client_connections`` connections; the next one is
   closed at accept. The unix socket is exempt (its peers are local admins).
+
+The channel also answers waitress's own errors (413, 431, 400, 500) in berthd's JSON shape
+(``_waitress_errors``) and, after such an answer, drains the body the client may still be
+sending for up to ``LINGER`` seconds before closing, so the client reads the answer rather
+than a connection reset.
 """
 
 from __future__ import annotations
@@ -26,7 +31,11 @@ from waitress.channel import HTTPChannel
 from waitress.server import TcpWSGIServer, UnixWSGIServer
 from waitress.task import ThreadedTaskDispatcher
 
-__all__ = ["SlowClientLimits", "guarded_server"]
+from berthd.http._waitress_errors import JsonErrorTask
+
+__all__ = ["LINGER", "SlowClientLimits", "guarded_server"]
+
+LINGER = 5.0  # seconds a connection answered with an error keeps draining the request's body
 
 
 class SlowClientLimits:
@@ -42,10 +51,16 @@ class SlowClientLimits:
 
 
 class _GuardedChannel(HTTPChannel):  # type: ignore[misc]
-    """An HTTP channel that remembers when the request it is reading began."""
+    """An HTTP channel that remembers when the request it is reading began, and answers the
+    errors waitress raises itself (413, 431, 400, ...) in berthd's JSON error shape."""
 
+    error_task_class = JsonErrorTask
+
+    request: Any  # waitress's parser of the request being read (None between requests)
     partial_since: float | None = None
     client: str | None = None
+    linger = False  # set by the error task: drain the unread body before closing
+    linger_until: float | None = None  # draining since the answer was sent, until then
 
     def __init__(self, server: Any, sock: socket.socket, addr: Any, adj: Adjustments,
                  map: dict[int, Any] | None = None) -> None:
@@ -54,6 +69,10 @@ class _GuardedChannel(HTTPChannel):  # type: ignore[misc]
         self.client = guard.admit(self, addr)
 
     def received(self, data: bytes) -> bool:
+        if self.linger_until is not None:  # answered and closing: the rest of the body is dropped
+            if time.monotonic() > self.linger_until:
+                self.will_close = True
+            return True
         started = self.request is None
         result: bool = super().received(data)
         if self.request is None:
@@ -63,6 +82,23 @@ class _GuardedChannel(HTTPChannel):  # type: ignore[misc]
         return result
 
     def handle_close(self) -> None:
+        if self.linger and self.linger_until is None and self.connected and not self.total_outbufs_len:
+            # A refused request's body may still be on its way: closing now, with unread
+            # bytes, would reset the connection and the client could lose the answer. Send
+            # FIN, then read and drop what comes for up to LINGER seconds (the client's FIN
+            # or the maintenance pass ends it), as nginx's lingering close does.
+            try:
+                self.socket.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            else:
+                self.linger_until = time.monotonic() + LINGER
+                self.will_close = False
+                if self.request is not None:  # leftover body bytes parsed as a next request
+                    self.request.close()
+                    self.request = None
+                self.partial_since = None
+                return
         try:
             super().handle_close()
         finally:
@@ -78,6 +114,7 @@ class _Guard:
     active_channels: dict[int, Any]
     cut_slow = 0  # channels closed for missing a deadline (for /metrics and tests)
     cut_crowded = 0  # connections refused for the per-client cap
+    body_limit: int | None = None  # the API's body cap, named in a waitress 413 (else waitress's own)
 
     def _setup_guard(self, limits: SlowClientLimits, count_clients: bool) -> None:
         self.limits = limits
@@ -111,6 +148,10 @@ class _Guard:
         super().maintenance(now)  # type: ignore[misc]
         mono = time.monotonic()
         for channel in list(self.active_channels.values()):
+            linger_until = getattr(channel, "linger_until", None)
+            if linger_until is not None and mono > linger_until:
+                channel.will_close = True
+                continue
             since = getattr(channel, "partial_since", None)
             request = channel.request
             if since is None or request is None:
@@ -130,8 +171,9 @@ class _GuardedUnix(_Guard, UnixWSGIServer):  # type: ignore[misc]
     pass
 
 
-def guarded_server(app: Any, limits: SlowClientLimits, **kw: Any) -> Any:
-    """A waitress server (TCP, or unix with ``unix_socket=``) with the slow-client rules."""
+def guarded_server(app: Any, limits: SlowClientLimits, body_limit: int | None = None, **kw: Any) -> Any:
+    """A waitress server (TCP, or unix with ``unix_socket=``) with the slow-client rules;
+    its own errors are JSON, a 413 naming ``body_limit`` as the limit when given."""
     adj = Adjustments(**kw)
     dispatcher = ThreadedTaskDispatcher()
     dispatcher.set_thread_count(adj.threads)
@@ -140,9 +182,11 @@ def guarded_server(app: Any, limits: SlowClientLimits, **kw: Any) -> Any:
         server = _GuardedUnix(app, {}, dispatcher=dispatcher, adj=adj,
                               sockinfo=(socket.AF_UNIX, socket.SOCK_STREAM, None, None))
         server._setup_guard(limits, count_clients=False)
+        server.body_limit = body_limit
         return server
     if len(adj.listen) != 1:
         raise ValueError("one TCP listen address per server")
     server = _GuardedTcp(app, {}, dispatcher=dispatcher, adj=adj, sockinfo=adj.listen[0])
     server._setup_guard(limits, count_clients=True)
+    server.body_limit = body_limit
     return server

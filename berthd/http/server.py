@@ -29,7 +29,8 @@ class ServerLimits:
     threads: int = 16
     connection_limit: int = 200
     channel_timeout: int = 120  # seconds an idle or slow connection is kept
-    max_request_body_size: int = 64 << 20
+    max_request_body_size: int = 64 << 20  # waitress refuses a body this big before reading it
+    max_body_bytes: int | None = None  # the API's own body cap, the limit a 413 names (None: the above)
     max_request_header_size: int = 64 << 10
     header_timeout: float = 10.0  # slowloris: the headers must arrive within this
     request_timeout: float = 120.0  # ... and the whole request within this
@@ -52,14 +53,15 @@ class HttpServers:
         self.tcp_address: tuple[str, int] | None = None
         self.unix_path = unix_path
         if host is not None and port is not None:
-            server = guarded_server(app, guard, host=host, port=port, **opts)
+            server = guarded_server(app, guard, limits.max_body_bytes, host=host, port=port, **opts)
             self._servers.append(server)
             addr = server.socket.getsockname()
             self.tcp_address = (addr[0], addr[1])
         if unix_path is not None:
             if os.path.exists(unix_path):
                 os.unlink(unix_path)
-            server = guarded_server(trusted(app), guard, unix_socket=unix_path, unix_socket_perms="660", **opts)
+            server = guarded_server(trusted(app), guard, limits.max_body_bytes, unix_socket=unix_path,
+                                    unix_socket_perms="660", **opts)
             self._servers.append(server)
 
     def start(self) -> None:
