@@ -7,9 +7,10 @@ Frames: ``{"type": "log", "data": "..."}``, then close 1000 once the logs are se
 ``Runtime.follow_logs`` blocks for as long as the container runs and cannot be
 interrupted from another thread, so it gets a daemon thread of its own, which sends
 through a ``ThreadSender``: when the client leaves, the thread stops at the next chunk
-(or when the container stops). With ``tail=N`` the whole log is read once to find where
-"now" is: its last N lines are sent, and that many bytes are skipped from the start of
-``follow_logs`` (which replays the existing logs first), so nothing is lost or repeated.
+(or when the container stops). With ``tail=N`` the runtime starts the stream with the last
+N lines and goes on from there (``follow_logs(tail=N)``), so nothing is lost or repeated
+and no more than a bounded window of the log is held. ``follow=false`` sends at most the
+last ``8 x output_cap_bytes``, as ``GET /v1/containers/{id}/logs`` does.
 """
 
 from __future__ import annotations
@@ -70,12 +71,6 @@ def _frame(text: str) -> bytes:
     return encode({"type": "log", "data": text})
 
 
-def _last_lines(data: bytes, n: int) -> bytes:
-    if n == 0:
-        return b""
-    return b"".join(data.splitlines(keepends=True)[-n:])
-
-
 async def serve_logs(shared: Shared, ws: ServerConnection, hs: Handshake) -> None:
     """Send the logs (and follow them) until done or the client leaves."""
     q: LogsQuery = hs.params
@@ -85,7 +80,8 @@ async def serve_logs(shared: Shared, ws: ServerConnection, hs: Handshake) -> Non
         if runtime is None:
             raise RuntimeUnavailable(f"runtime {state.runtime} is not enabled on this node")
         if not q.follow:
-            data = await shared.blocking(runtime.logs, state.id, q.tail)
+            cap = shared.deps.limits.output_cap_bytes * 8
+            data = await shared.blocking(runtime.logs_capped, state.id, q.tail, cap)
     except Exception as exc:
         await fail(ws, as_error(exc))
         return
@@ -155,22 +151,11 @@ class _Follower:
 
     def _follow(self) -> None:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        skip = 0
-        if self._tail is not None:
-            existing = self._runtime.logs(self._berth_id)
-            skip = len(existing)
-            if not self._send(decoder.decode(_last_lines(existing, self._tail))):
-                return
-        stream = self._runtime.follow_logs(self._berth_id)
+        stream = self._runtime.follow_logs(self._berth_id, tail=self._tail)
         try:
             for chunk in stream:
                 if self._sender.gone:
                     return
-                if skip:
-                    if len(chunk) <= skip:
-                        skip -= len(chunk)
-                        continue
-                    chunk, skip = chunk[skip:], 0
                 if not self._send(decoder.decode(chunk)):
                     return
             self._send(decoder.decode(b"", final=True))

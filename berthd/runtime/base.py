@@ -45,6 +45,8 @@ __all__ = [
     "BerthDir",
     "CommandMissing",
     "LimitRefused",
+    "LOG_TAIL_WINDOW",
+    "last_lines",
     "ContainerSpec",
     "ExecResult",
     "ExecSpec",
@@ -159,6 +161,19 @@ class CommandMissing(RuntimeFailure):
     not in the sandbox (400, field ``command``)."""
 
     code = "VALIDATION_ERROR"
+
+
+LOG_TAIL_WINDOW = 8 << 20
+"""The most bytes of existing logs a ``tail`` looks back through."""
+
+
+def last_lines(data: bytes, n: int | None) -> bytes:
+    """The last ``n`` lines of ``data`` (all of it for None)."""
+    if n is None:
+        return data
+    if n <= 0:
+        return b""
+    return b"".join(data.splitlines(keepends=True)[-n:])
 
 
 class LimitRefused(RuntimeFailure):
@@ -388,8 +403,11 @@ class Runtime(abc.ABC):
         return self.logs(berth_id, tail)[-max_bytes:]
 
     @abc.abstractmethod
-    def follow_logs(self, berth_id: str) -> Iterator[bytes]:
-        """Existing logs, then new output as it comes, until the container stops."""
+    def follow_logs(self, berth_id: str, tail: int | None = None) -> Iterator[bytes]:
+        """Existing logs (with ``tail``, only their last ``tail`` lines, within the last
+        ``LOG_TAIL_WINDOW`` bytes), then new output as it comes, until the container stops.
+        Nothing is lost or repeated between the two, and memory stays bounded whatever
+        the log's size."""
 
     @abc.abstractmethod
     def put_file(self, berth_id: str, path: str, data: bytes) -> None: ...

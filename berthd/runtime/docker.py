@@ -650,11 +650,13 @@ class DockerRuntime(Runtime):
                     stream.close()
         return b"".join(kept)[-max_bytes:]
 
-    def follow_logs(self, berth_id: str) -> Iterator[bytes]:
+    def follow_logs(self, berth_id: str, tail: int | None = None) -> Iterator[bytes]:
         container = self._container(berth_id)
         with self._errors("logs", berth_id):
             # The SDK lifts the socket timeout for this stream: quiet containers are fine.
-            stream = container.logs(stdout=True, stderr=True, stream=True, follow=True)
+            # The engine takes the tail and the follow from one point: nothing lost or doubled.
+            stream = container.logs(stdout=True, stderr=True, stream=True, follow=True,
+                                    tail="all" if tail is None else max(0, tail))
 
         def follow() -> Iterator[bytes]:
             try:

@@ -47,6 +47,7 @@ from berthd.runtime._hostexec import ProcessExecStream, Spawner, run_to_completi
 from berthd.runtime._util import exit_code_from_returncode, signal_number, utc_now
 from berthd.runtime.base import (
     BERTH_DIR_ENV,
+    LOG_TAIL_WINDOW,
     BerthDir,
     ContainerSpec,
     ExecResult,
@@ -61,6 +62,7 @@ from berthd.runtime.base import (
     SandboxNotFound,
     SandboxStatus,
     WorkdirNotFound,
+    last_lines,
 )
 
 __all__ = ["FakeRuntime"]
@@ -483,13 +485,19 @@ class FakeRuntime(Runtime):
             return data
         return b"".join(data.splitlines(keepends=True)[-tail:]) if tail > 0 else b""
 
-    def follow_logs(self, berth_id: str) -> Iterator[bytes]:
+    def follow_logs(self, berth_id: str, tail: int | None = None) -> Iterator[bytes]:
         self._enter("follow_logs", berth_id)
         with self._lock:
             box = self._box(berth_id)
 
         def follow() -> Iterator[bytes]:
             position = 0
+            if tail is not None:
+                with self._lock:
+                    data = bytes(box.logs)
+                position = len(data)
+                if lines := last_lines(data[-LOG_TAIL_WINDOW:], tail):
+                    yield lines
             while True:
                 with self._lock:
                     finished = box.state != "running" or box.spec.berth_id not in self._containers

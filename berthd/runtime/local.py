@@ -99,6 +99,7 @@ from berthd.runtime._shim import EXIT_FILE, LAUNCH_FILE, STATE_FILE, write_json_
 from berthd.runtime._util import ExitTracker, format_time, signal_number, utc_now
 from berthd.runtime.base import (
     BERTH_DIR_ENV,
+    LOG_TAIL_WINDOW,
     SANDBOX_BERTH_DIR,
     BerthDir,
     CommandMissing,
@@ -115,6 +116,7 @@ from berthd.runtime.base import (
     SandboxNotFound,
     SandboxStatus,
     WorkdirNotFound,
+    last_lines,
 )
 
 __all__ = ["LocalRuntime"]
@@ -132,6 +134,7 @@ _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 # Top-level host entries the sandbox never gets from the host.
 _NOT_FROM_HOST = frozenset({"proc", "dev", "tmp", "workspace", "run", "sys"})
 _START_TIMEOUT = 10.0
+_LOG_CHUNK = 1 << 20  # bytes read from a log file at a time
 _KILL_WAIT = 10.0
 
 
@@ -1143,19 +1146,29 @@ class LocalRuntime(Runtime):
             data = b"".join(data.splitlines(keepends=True)[-tail:])
         return data
 
-    def follow_logs(self, berth_id: str) -> Iterator[bytes]:
+    def follow_logs(self, berth_id: str, tail: int | None = None) -> Iterator[bytes]:
         paths = self._paths(berth_id)
         spec = self._spec(paths, berth_id)
 
         def follow() -> Iterator[bytes]:
             position = 0
+            if tail is not None:  # the last lines up to the size now, then from there on
+                try:
+                    with open(paths.log, "rb") as f:
+                        position = os.fstat(f.fileno()).st_size
+                        f.seek(max(0, position - LOG_TAIL_WINDOW))
+                        window = f.read(min(position, LOG_TAIL_WINDOW))
+                except FileNotFoundError:
+                    window = b""
+                if lines := last_lines(window, tail):
+                    yield lines
             while True:
                 # Decide "finished" before reading, so the last output is never skipped.
                 finished = self._status(berth_id, paths, spec).state != "running"
                 try:
                     with open(paths.log, "rb") as f:
                         f.seek(position)
-                        chunk = f.read()
+                        chunk = f.read(_LOG_CHUNK)  # bounded: the log may be huge
                 except FileNotFoundError:
                     chunk = b""
                 if chunk:

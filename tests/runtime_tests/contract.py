@@ -499,6 +499,16 @@ class RuntimeContract:
         assert collected == b"a\nb\n"
         assert time.monotonic() - began < 5
 
+    def test_follow_logs_with_a_tail_starts_from_the_last_lines(self, runtime: Runtime) -> None:
+        berth_id = self.running(runtime, ("sh", "-c", "echo 1; echo 2; echo 3; sleep 1.5; echo new"))
+        deadline = time.monotonic() + 5
+        while not runtime.logs(berth_id).endswith(b"3\n"):
+            assert time.monotonic() < deadline, runtime.logs(berth_id)
+            time.sleep(0.02)
+        # the tail and what follows come from one point: nothing lost, nothing twice
+        assert b"".join(runtime.follow_logs(berth_id, tail=2)) == b"2\n3\nnew\n"
+        assert b"".join(runtime.follow_logs(berth_id, tail=0)) == b""  # exited: nothing new
+
     # ---------------------------------------------------------------- files
 
     def test_put_file_get_file_roundtrip(self, runtime: Runtime) -> None:
