@@ -9,6 +9,9 @@ tests are skipped with the reason printed; with ``BERTHD_REQUIRE_INTEGRATION=1``
 from __future__ import annotations
 
 import os
+import pathlib
+import subprocess
+from collections.abc import Iterator
 
 import pytest
 
@@ -21,6 +24,33 @@ def missing(component: str, reason: str) -> None:
     if REQUIRE:
         pytest.fail(f"{component} is required in CI but unavailable: {reason}", pytrace=False)
     pytest.skip(f"{component} unavailable: {reason}")
+
+
+@pytest.fixture
+def small_disk(tmp_path: pathlib.Path) -> Iterator[pathlib.Path]:
+    """A 16 MiB tmpfs: a disk that is easy to fill (``fill_disk``)."""
+    if os.geteuid() != 0:
+        missing("root", "the disk-full tests mount a small tmpfs")
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill_disk(path: pathlib.Path) -> None:
+    """Write zeros to ``path`` until the disk is full."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    block = b"\0" * (1 << 16)
+    try:
+        while os.write(fd, block):
+            pass
+    except OSError:  # ENOSPC: full
+        pass
+    finally:
+        os.close(fd)
 
 
 @pytest.fixture(scope="session")

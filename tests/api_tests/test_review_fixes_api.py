@@ -6,9 +6,7 @@ rate-limited key carries the ``X-RateLimit-*`` headers."""
 
 from __future__ import annotations
 
-import os
 import pathlib
-import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -16,7 +14,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.conftest import missing
+from tests.conftest import fill_disk
 from tests.daemon_process import DaemonProcess
 
 BOX = {"image": "host", "command": ["sleep", "300"]}
@@ -193,32 +191,6 @@ def test_concurrent_mixed_creates_cannot_overshoot_the_containers_quota(d: Daemo
 # ---------------------------------------------------------------------- 3. disk full
 
 
-@pytest.fixture
-def small_disk(tmp_path: pathlib.Path) -> Iterator[pathlib.Path]:
-    """A 16 MiB tmpfs: a disk that is easy to fill (as tests/battery_tests/test_disk_full.py)."""
-    if os.geteuid() != 0:
-        missing("root", "the disk-full test mounts a small tmpfs")
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], check=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def _fill(path: pathlib.Path) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-    block = b"\0" * (1 << 16)
-    try:
-        while os.write(fd, block):
-            pass
-    except OSError:  # ENOSPC: full
-        pass
-    finally:
-        os.close(fd)
-
-
 def keyed(d: DaemonProcess, body: Any, idempotency_key: str) -> requests.Response:
     return call(d, "POST", "/v1/containers", d.headers, body, headers={"Idempotency-Key": idempotency_key})
 
@@ -229,7 +201,7 @@ def test_disk_full_with_an_idempotency_key_is_503_and_keeps_nothing(small_disk: 
     try:
         first = keyed(d, body, "before")
         assert first.status_code == 201, first.text
-        _fill(small_disk / "filler")
+        fill_disk(small_disk / "filler")
         for i in range(10):
             r = keyed(d, body, f"full-{i}")
             assert r.status_code == 503, r.text

@@ -3,45 +3,15 @@ corrupted, and writes succeed again once space returns."""
 
 from __future__ import annotations
 
-import os
 import pathlib
 import sqlite3
-import subprocess
-from collections.abc import Callable, Iterator
-
-import pytest
+from collections.abc import Callable
 
 from berthd.domain import EVENT_TYPES
 from berthd.events import open_store
 from berthd.events.readmodels import ContainersView
-from tests.conftest import missing
+from tests.conftest import fill_disk
 from tests.daemon_process import DaemonProcess
-
-
-@pytest.fixture
-def small_disk(tmp_path: pathlib.Path) -> Iterator[pathlib.Path]:
-    """A 16 MiB tmpfs: a disk that is easy to fill."""
-    if os.geteuid() != 0:
-        missing("root", "the disk-full test mounts a small tmpfs")
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], check=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def _fill(path: pathlib.Path) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-    block = b"\0" * (1 << 16)
-    try:
-        while os.write(fd, block):
-            pass
-    except OSError:  # ENOSPC: full
-        pass
-    finally:
-        os.close(fd)
 
 
 def test_disk_full_is_503_without_loss_and_recovers(small_disk: pathlib.Path,
@@ -55,7 +25,7 @@ def test_disk_full_is_503_without_loss_and_recovers(small_disk: pathlib.Path,
             r = d.post("/v1/containers", body)
             assert r.status_code == 201, r.text
             created.append(r.json()["id"])
-        _fill(small_disk / "filler")
+        fill_disk(small_disk / "filler")
         for _ in range(20):
             r = d.post("/v1/containers", body)
             assert r.status_code == 503, r.text
