@@ -112,9 +112,9 @@ class Daemon:
     def _start(self) -> None:
         cfg = self.config
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.data_dir, 0o700)  # an existing one too: it holds the log and the admin key
+        _private_dir(self.data_dir)  # an existing one too: it holds the log and the admin key
         self._lock_data_dir()
-        _tighten(self.data_dir)
+        _tighten(self.data_dir, _OWN_FILES)
         node_id = cfg.node_id or self._node_id()
         self.node_id = node_id
 
@@ -461,9 +461,32 @@ def _write_private(path: pathlib.Path, text: str) -> None:
         fh.write(text)
 
 
-def _tighten(directory: pathlib.Path) -> None:
-    """Take group and world access off the regular files directly in ``directory``."""
+_OWN_FILES = frozenset({
+    "berthd.db", "berthd.db-wal", "berthd.db-shm", "idempotency.db", "idempotency.db-wal",
+    "idempotency.db-shm", "admin.key", "node-id", "endpoints.json", "berthd.lock",
+})
+"""What berthd keeps directly in its data dir (only these are tightened: the directory may
+be one the operator shares with other files)."""
+
+
+def _private_dir(directory: pathlib.Path) -> None:
+    """0700 when this user owns it; another owner's directory is left as it is, said once."""
+    st = directory.stat()
+    if stat.S_IMODE(st.st_mode) & 0o077 == 0:
+        return
+    try:
+        os.chmod(directory, stat.S_IMODE(st.st_mode) & 0o700)
+    except PermissionError:
+        log.warning("data dir %s is open to others (mode %o) and not ours to tighten",
+                    directory, stat.S_IMODE(st.st_mode))
+
+
+def _tighten(directory: pathlib.Path, names: frozenset[str] | None = None) -> None:
+    """Take group and world access off the regular files directly in ``directory`` (only
+    those in ``names``, if given)."""
     for entry in os.scandir(directory):
+        if names is not None and entry.name not in names:
+            continue
         try:
             st = entry.stat(follow_symlinks=False)
             if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:

@@ -98,7 +98,9 @@ def reserved(deps: Deps, owner: str) -> dict[QuotaKind, int]:
             sessions_waiting += 1
     sandboxes_coming = 0
     for kernel in deps.kernels_view.all():
-        if kernel.owner == owner and kernel.own_container and kernel.status not in kd.FINAL:
+        # a dead kernel's sandbox is not coming any more (it is on the view, or never will be)
+        if kernel.owner == owner and kernel.own_container and kernel.status not in kd.FINAL \
+                and kernel.status != "dead":
             box: c.ContainerState | None = deps.containers.get(kernel.container_id)
             if box is None:
                 sandboxes_coming += 1

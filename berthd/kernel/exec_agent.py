@@ -88,12 +88,22 @@ class AgentLost(Exception):
 class _Run:
     """A command sent to the agent: its answer to come, and its output so far."""
 
-    __slots__ = ("future", "stdout", "stderr")
+    __slots__ = ("future", "stdout", "stderr", "cap", "truncated")
 
-    def __init__(self) -> None:
+    def __init__(self, cap: int = 0) -> None:
         self.future: Future[dict[str, Any]] = Future()
         self.stdout = bytearray()
         self.stderr = bytearray()
+        self.cap = cap  # bytes kept per stream, whatever the agent sends
+        self.truncated = False
+
+    def add(self, stream: Any, data: bytes) -> None:
+        kept = self.stderr if stream == "stderr" else self.stdout
+        room = self.cap - len(kept)
+        if len(data) > room:
+            self.truncated = True
+            data = data[: max(0, room)]
+        kept.extend(data)
 
 
 class ExecAgent:
@@ -145,7 +155,7 @@ class ExecAgent:
         exec); ``AgentLost``: the agent went away while the command ran."""
         started = time.monotonic()
         run_id = next(self._ids)
-        pending = _Run()
+        pending = _Run(max(0, spec.output_cap))
         request: dict[str, Any] = {"op": "run", "id": run_id, "argv": list(spec.command),
                                    "output_cap": max(0, spec.output_cap)}
         if spec.env:
@@ -185,8 +195,7 @@ class ExecAgent:
                 stdout, stderr = bytes(pending.stdout), bytes(pending.stderr)
             raise AgentLost(str(exc), ExecResult(
                 exit_code=None, stdout=stdout, stderr=stderr,
-                duration_ms=(time.monotonic() - started) * 1000,
-                truncated=0 < spec.output_cap <= max(len(stdout), len(stderr)),
+                duration_ms=(time.monotonic() - started) * 1000, truncated=pending.truncated,
             )) from None
         if frame.get("type") == "error":
             raise NotRun(f"{frame.get('code')}: {frame.get('message')}")
@@ -195,7 +204,7 @@ class ExecAgent:
             stdout=bytes(pending.stdout),
             stderr=bytes(pending.stderr),
             duration_ms=(time.monotonic() - started) * 1000,
-            truncated=bool(frame.get("truncated")),
+            truncated=bool(frame.get("truncated")) or pending.truncated,
             timed_out=bool(frame.get("timed_out")),
         )
 
@@ -286,7 +295,7 @@ class ExecAgent:
             with self._lock:
                 run = self._pending.get(run_id)  # type: ignore[arg-type]
                 if run is not None:
-                    (run.stderr if frame.get("stream") == "stderr" else run.stdout).extend(data)
+                    run.add(frame.get("stream"), data)
             return
         with self._lock:
             run = self._pending.pop(run_id, None)  # type: ignore[arg-type]

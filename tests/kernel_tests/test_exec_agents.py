@@ -281,3 +281,18 @@ def test_a_runtime_exec_after_a_stop_or_a_removal_is_refused(docker_runtime: Run
         b.close()
     with pytest.raises(SandboxNotFound):
         docker_runtime.exec(b.id, ExecSpec(("true",)))
+
+
+def test_the_daemon_keeps_no_more_than_the_cap_whatever_the_agent_sends() -> None:
+    # the agent caps output itself, but anything in the sandbox may write to its stdout:
+    # the daemon's own copy is capped too
+    from berthd.kernel.exec_agent import _Run
+
+    run = _Run(cap=10)
+    for _ in range(1000):
+        run.add("stdout", b"x" * 4096)
+    run.add("stderr", b"e" * 3)
+    assert (bytes(run.stdout), bytes(run.stderr), run.truncated) == (b"x" * 10, b"eee", True)
+    exact = _Run(cap=4)
+    exact.add("stdout", b"abcd")
+    assert (bytes(exact.stdout), exact.truncated) == (b"abcd", False)

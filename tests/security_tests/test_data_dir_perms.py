@@ -35,9 +35,12 @@ def open_data_dir(tmp_path: pathlib.Path) -> Iterator[pathlib.Path]:
     data = tmp_path / "data"
     data.mkdir()
     os.chmod(data, 0o755)
-    # left behind world readable, as an older version (or a hand) could have
-    (data / "berthd.toml").write_text("")
-    os.chmod(data / "berthd.toml", 0o644)
+    # left behind world readable, as an older version could have
+    (data / "node-id").write_text("0123456789ab\n")
+    os.chmod(data / "node-id", 0o644)
+    # the operator's own file next to ours: not berthd's to change
+    (data / "notes.txt").write_text("")
+    os.chmod(data / "notes.txt", 0o644)
     yield data
 
 
@@ -64,9 +67,10 @@ def test_a_0755_data_dir_is_tightened_and_its_files_are_private(open_data_dir: p
     finally:
         d.stop()
     for name in ("berthd.db", "berthd.db-wal", "berthd.db-shm", "idempotency.db",
-                 "admin.key", "node-id", "endpoints.json", "berthd.toml"):
+                 "admin.key", "node-id", "endpoints.json"):
         assert name in files, (name, sorted(files))
     assert any(name.startswith("checkpoints/") for name in files), sorted(files)
+    assert files.pop("notes.txt") == 0o644  # only what berthd keeps is tightened
     loose = {name: oct(mode) for name, mode in files.items() if mode & 0o077}
     assert not loose, f"group/world accessible files in the data dir: {loose}"
     assert _mode(data) == 0o700
