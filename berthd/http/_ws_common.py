@@ -43,6 +43,7 @@ __all__ = [
     "FRAME_CHARS",
     "FrameCache",
     "Handshake",
+    "FIRST_FRAME_TIMEOUT",
     "Shared",
     "ThreadSender",
     "as_error",
@@ -52,6 +53,8 @@ __all__ = [
     "error_frame",
     "fail",
     "find_container",
+    "first_frame",
+    "send_output",
     "validation_error",
 ]
 
@@ -184,6 +187,27 @@ async def discard_incoming(ws: ServerConnection) -> None:
             pass
     except ConnectionClosed:
         pass
+
+
+FIRST_FRAME_TIMEOUT = 30.0
+"""Seconds a client has, once upgraded, to send its request as the first frame."""
+
+
+async def first_frame(ws: ServerConnection, what: str = "the request") -> str | bytes:
+    """The client's first frame; 400 (field ``$``) when it does not come in time."""
+    try:
+        return await asyncio.wait_for(ws.recv(), FIRST_FRAME_TIMEOUT)
+    except TimeoutError:
+        raise ValidationError(f"send {what} as the first frame within {FIRST_FRAME_TIMEOUT:.0f} s",
+                              field="$") from None
+
+
+def send_output(sender: ThreadSender, stream: str, text: str) -> None:
+    """Output of an execution as ``{"type": stream, "data"}`` frames, from a worker thread.
+    A client that left stops the frames, not the execution (its result is recorded)."""
+    for piece in chunks(text):
+        if not sender.send(encode({"type": stream, "data": piece})):
+            return
 
 
 def chunks(text: str) -> Iterator[str]:

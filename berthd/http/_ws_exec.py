@@ -51,6 +51,7 @@ from berthd.http._ws_common import (
     encode,
     fail,
     find_container,
+    first_frame,
     validation_error,
 )
 from berthd.runtime import base as rt
@@ -59,8 +60,6 @@ __all__ = ["ExecSession", "parse_exec_request", "serve_exec"]
 
 log = logging.getLogger("berthd.http.ws")
 
-FIRST_FRAME_TIMEOUT = 30.0
-"""Seconds a client has to send the exec request after the upgrade."""
 
 ABORT_GRACE = 10.0
 """Seconds to wait, after killing an abandoned exec, for the actor to record its end."""
@@ -384,14 +383,6 @@ def _settled_on(loop: asyncio.AbstractEventLoop,
     return waiter
 
 
-async def _first_frame(ws: ServerConnection) -> str | bytes:
-    try:
-        return await asyncio.wait_for(ws.recv(), FIRST_FRAME_TIMEOUT)
-    except TimeoutError:
-        raise ValidationError(f"send the exec request as the first frame within {FIRST_FRAME_TIMEOUT:.0f} s",
-                              field="$") from None
-
-
 def _exit_frame(result: rt.ExecResult) -> bytes:
     frame: dict[str, Any] = {"type": "exit", "exit_code": result.exit_code}
     if result.truncated:
@@ -405,7 +396,7 @@ async def serve_exec(shared: Shared, ws: ServerConnection, hs: Handshake) -> Non
     """Handle one exec connection from the request frame to the exit frame."""
     deps = shared.deps
     try:
-        command, flags = parse_exec_request(await _first_frame(ws))
+        command, flags = parse_exec_request(await first_frame(ws, "the exec request"))
         state = find_container(deps, hs.ref, hs.principal)
     except BerthdError as exc:
         await fail(ws, exc)

@@ -33,17 +33,19 @@ from berthd.actors import CommandContext
 from berthd.actors.context import Reply
 from berthd.actors.kernel import KernelResult, kernel_result, result_of
 from berthd.domain import kernel as k
-from berthd.domain.errors import BerthdError, ResultNotFound, ValidationError
+from berthd.domain.errors import BerthdError, ResultNotFound
 from berthd.events.readmodels import StoredResult
 from berthd.http._ws_common import (
+    FIRST_FRAME_TIMEOUT,
     Handshake,
     Shared,
     ThreadSender,
     as_error,
-    chunks,
     discard_incoming,
     encode,
     fail,
+    first_frame,
+    send_output,
     validation_error,
 )
 from berthd.http._ws_exec import run_announced
@@ -54,7 +56,6 @@ from berthd.runtime import base as rt
 
 __all__ = ["parse_kernel_request", "serve_kernel"]
 
-FIRST_FRAME_TIMEOUT = 30.0
 
 
 class _Attach(msgspec.Struct, forbid_unknown_fields=True):
@@ -84,21 +85,14 @@ async def serve_kernel(shared: Shared, ws: ServerConnection, hs: Handshake) -> N
     ctx = hs.principal.context(hs.correlation_id, hs.request_id)
     try:
         state = find_kernel(deps, hs.ref, ctx)
-        try:
-            first = await asyncio.wait_for(ws.recv(), FIRST_FRAME_TIMEOUT)
-        except TimeoutError:
-            raise ValidationError(f"send the request as the first frame within {FIRST_FRAME_TIMEOUT:.0f} s",
-                                  field="$") from None
-        request = parse_kernel_request(first)
+        request = parse_kernel_request(await first_frame(ws))
     except BerthdError as exc:
         await fail(ws, exc)
         return
     sender = ThreadSender(ws, shared.loop)
 
     def on_output(stream: str, text: str) -> None:
-        for piece in chunks(text):
-            if not sender.send(encode({"type": stream, "data": piece})):
-                return  # the client left: the execution goes on, its result is recorded
+        send_output(sender, stream, text)
 
     listener = asyncio.create_task(discard_incoming(ws))
     try:

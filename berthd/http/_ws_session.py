@@ -30,14 +30,16 @@ from berthd.actors.context import Reply
 from berthd.domain import session as se
 from berthd.domain.errors import BerthdError, ValidationError
 from berthd.http._ws_common import (
+    FIRST_FRAME_TIMEOUT,
     Handshake,
     Shared,
     ThreadSender,
     as_error,
-    chunks,
     discard_incoming,
     encode,
     fail,
+    first_frame,
+    send_output,
     validation_error,
 )
 from berthd.http._ws_exec import run_announced
@@ -50,7 +52,6 @@ from berthd.http.resources.sessions import (
 
 __all__ = ["parse_session_request", "serve_session"]
 
-FIRST_FRAME_TIMEOUT = 30.0
 
 _decode_object = msgspec.json.Decoder(dict[str, Any]).decode
 
@@ -71,12 +72,7 @@ async def serve_session(shared: Shared, ws: ServerConnection, hs: Handshake) -> 
     ctx = hs.principal.context(hs.correlation_id, hs.request_id)
     try:
         state = find_session(deps, hs.ref, ctx)
-        try:
-            first = await asyncio.wait_for(ws.recv(), FIRST_FRAME_TIMEOUT)
-        except TimeoutError:
-            raise ValidationError(f"send the request as the first frame within {FIRST_FRAME_TIMEOUT:.0f} s",
-                                  field="$") from None
-        cmd = parse_session_request(first)
+        cmd = parse_session_request(await first_frame(ws))
         cmd = msgspec.structs.replace(cmd, timeout=capped_timeout(deps, cmd.timeout))
     except BerthdError as exc:
         await fail(ws, exc)
@@ -86,9 +82,7 @@ async def serve_session(shared: Shared, ws: ServerConnection, hs: Handshake) -> 
 
     def on_output(stream: str, text: str) -> None:
         announced.wait(FIRST_FRAME_TIMEOUT)  # the "started" frame goes first
-        for piece in chunks(text):
-            if not sender.send(encode({"type": stream, "data": piece})):
-                return  # the client left: the execution goes on, its result is recorded
+        send_output(sender, stream, text)
 
     listener = asyncio.create_task(discard_incoming(ws))
     try:
