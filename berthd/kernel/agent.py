@@ -567,6 +567,28 @@ def _write_all(fd: int, data: bytes) -> None:
             select.select([], [fd], [], 1.0)
 
 
+def _signals_to_pipe(on_stop: Callable[[int, types.FrameType | None], None]) -> int:
+    """Signals wake the selector: returns the pipe's read end (readable after any signal,
+    SIGCHLD included); SIGTERM, SIGINT and SIGHUP also call ``on_stop``."""
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, on_stop)
+    return wake_r
+
+
+def _drain(fd: int) -> None:
+    """Read a non-blocking pipe empty."""
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass
+
+
 def _agent_file() -> str:
     return os.path.abspath(__file__)
 
@@ -641,13 +663,7 @@ class Agent:
         assert self.listener is not None
         if not _become_subreaper():
             _log("cannot become a subreaper (no ctypes?): orphans may escape interrupts")
-        self._wake_r, wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(wake_w, False)
-        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, self._on_stop_signal)
+        self._wake_r = _signals_to_pipe(self._on_stop_signal)
         self.selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
         self.selector.register(self.listener, selectors.EVENT_READ, self._on_accept)
         self._spawn_worker()
@@ -665,11 +681,7 @@ class Agent:
         self.exit_status = 128 + signum
 
     def _on_wake(self, fileobj: Any, mask: int) -> None:
-        try:
-            while os.read(self._wake_r, 512):
-                pass
-        except BlockingIOError:
-            pass
+        _drain(self._wake_r)
         self._reap()
 
     def _reap(self) -> None:
@@ -1787,13 +1799,7 @@ class ExecServer:
         self._b64 = base64
         self._guard_fd = _start_guardian()
         _become_subreaper()
-        self._wake_r, wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(wake_w, False)
-        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, self._on_stop_signal)
+        self._wake_r = _signals_to_pipe(self._on_stop_signal)
         os.set_blocking(self.rfd, False)
         self.selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
         self.selector.register(self.rfd, selectors.EVENT_READ, self._on_request)
@@ -2035,11 +2041,7 @@ class ExecServer:
                 pipe.close()
 
     def _on_wake(self, fileobj: Any, mask: int) -> None:
-        try:
-            while os.read(self._wake_r, 512):
-                pass
-        except BlockingIOError:
-            pass
+        _drain(self._wake_r)
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
