@@ -22,14 +22,13 @@ from typing import Any, Generic, TypeVar
 import pykka
 from pykka.messages import ProxyCall
 
-from berthd.actors.container import Retired
 from berthd.domain.errors import Busy, Conflict
 
 __all__ = ["CommitFailed", "EntityActor", "Registry", "Retired", "Step"]
 
 log = logging.getLogger(__name__)
 
-A = TypeVar("A", bound=pykka.Actor)  # with ``passivate(idle_for) -> bool`` (EntityActor, ContainerActor)
+A = TypeVar("A", bound="EntityActor")
 
 
 @dataclass(slots=True)
@@ -40,6 +39,10 @@ class Step:
     error: BaseException | None
     then: Callable[[Any, BaseException | None], None]
     future: Future[Any] | None
+
+
+class Retired(Exception):
+    """The actor was passivated; the caller activates the entity again and retries."""
 
 
 @dataclass(slots=True)

@@ -26,6 +26,7 @@ from typing import Any
 
 import pykka
 
+from berthd.actors._registry import EntityActor, Retired
 from berthd.actors._stream import append_evolved, append_evolved_async, when_durable
 from berthd.actors.context import (
     SYSTEM,
@@ -78,10 +79,6 @@ def map_runtime_error(exc: BaseException) -> BerthdError:
     return RuntimeFailed(f"{type(exc).__name__}: {exc}")
 
 
-class Retired(Exception):
-    """The actor was passivated; the caller activates the entity again and retries."""
-
-
 @dataclass(frozen=True, slots=True)
 class ExecOutcome:
     exec_id: str
@@ -103,13 +100,6 @@ class _Done:
 
 
 @dataclass(slots=True)
-class _CommitFailed:
-    """An append the actor did not wait for failed: its state is ahead of the log."""
-
-    error: BaseException
-
-
-@dataclass(slots=True)
 class _Observed:
     """The runtime's view of the container, fetched off the mailbox."""
 
@@ -117,8 +107,10 @@ class _Observed:
     error: BaseException | None
 
 
-class ContainerActor(pykka.ThreadingActor):
+class ContainerActor(EntityActor):
     """One container's behaviour; its state is rebuilt from its stream on activation."""
+
+    kind = "container"
 
     def __init__(
         self,
@@ -132,19 +124,13 @@ class ContainerActor(pykka.ThreadingActor):
         node_id: str,
         position: int = 0,
     ) -> None:
-        super().__init__()
-        self.stream_id = stream_id
+        super().__init__(stream_id, workers)
         self.state = state
         self.store = store
         self.runtimes = runtimes
-        self.workers = workers
         self.clock = clock
         self.node_id = node_id
-        self.in_flight = 0
         self.last_position = position
-        self.last_used = time.monotonic()
-        self.retired = False  # passivated: every later message must go to a new activation
-        self._commits: list[Future[int]] = []  # appends not waited for, not yet decided
 
     # ------------------------------------------------------------------ asked by others
 
@@ -153,27 +139,12 @@ class ContainerActor(pykka.ThreadingActor):
 
     def is_idle(self) -> bool:
         s = self.state
-        self._commits = [f for f in self._commits if not f.done()]
-        return self.in_flight == 0 and not self._commits and (
-            s is None or (s.pending is None and s.execs_running == 0))
-
-    def passivate(self, idle_for: float) -> bool:
-        """Stop if idle for ``idle_for`` seconds. Decided here, on the mailbox, so no
-        command can slip in between the check and the stop; later ones get ``Retired``."""
-        if self.retired:
-            return True
-        if not self.is_idle() or time.monotonic() - self.last_used < idle_for:
-            return False
-        self.retired = True
-        self.stop()
-        return True
+        return super().is_idle() and (s is None or (s.pending is None and s.execs_running == 0))
 
     def handle(self, command: Command, ctx: CommandContext, **extra: Any) -> Future[Reply]:
         """Decide, append the intent, start the side effect; the future completes with
         the outcome. Refusals complete it with the ``BerthdError`` at once."""
-        if self.retired:
-            raise Retired(self.stream_id)
-        self.last_used = time.monotonic()
+        self.touch()
         future: Future[Reply] = Future()
         try:
             ctx = check_if_match(ctx, self.state)
@@ -214,26 +185,17 @@ class ContainerActor(pykka.ThreadingActor):
 
     # ------------------------------------------------------------------ messages
 
-    def on_receive(self, message: Any) -> Any:
-        try:
-            if isinstance(message, _Done):
-                if self.retired:  # its state is ahead of the log: it must not append
-                    self.in_flight -= 1
-                    _settle(message.future, None, Conflict("the container's actor restarted; retry"))
-                elif message.intent is not None:
-                    self._finish_pipelined(message)
-                else:
-                    self._finish(message)
-            elif isinstance(message, _CommitFailed):
-                log.warning("container %s: an append failed (%s); reloading from the log",
-                            self.stream_id, message.error)
-                self.retired = True
-                self.stop()
-            elif isinstance(message, _Observed):
-                self._record_observed(message)
-        except BaseException:  # a tell must never kill the actor
-            log.exception("container %s: failed to handle %s", self.stream_id, type(message).__name__)
-        return None
+    def on_message(self, message: Any) -> None:
+        if isinstance(message, _Done):
+            if self.retired:  # its state is ahead of the log: it must not append
+                self.in_flight -= 1
+                _settle(message.future, None, Conflict("the container's actor restarted; retry"))
+            elif message.intent is not None:
+                self._finish_pipelined(message)
+            else:
+                self._finish(message)
+        elif isinstance(message, _Observed):
+            self._record_observed(message)
 
     # ------------------------------------------------------------------ internals
 
@@ -258,19 +220,11 @@ class ContainerActor(pykka.ThreadingActor):
         self.state, committed = append_evolved_async(
             self.store, self.stream_id, "container", self.state, events,
             ctx.meta(self.clock, self.node_id), c.evolve)
-        self._commits = [f for f in self._commits if not f.done()]
-        self._commits.append(committed)
-        ref = self.actor_ref
+        self.watch_commit(committed)  # a failure stops the actor (EntityActor.resync)
 
         def done(f: Future[int]) -> None:
-            error = f.exception()
-            if error is None:
+            if f.exception() is None:
                 self.last_position = max(self.last_position, f.result())
-                return
-            try:
-                ref.tell(_CommitFailed(error))
-            except pykka.ActorDeadError:
-                pass
 
         committed.add_done_callback(done)
         return committed
