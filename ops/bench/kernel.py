@@ -54,6 +54,17 @@ ANCHORS = {
 }
 
 
+def _timed_post(conn: http.client.HTTPConnection, path: str, body: str,
+                headers: dict[str, str]) -> tuple[int, Any, float]:
+    """One POST on a kept-alive connection: status, decoded JSON answer, seconds taken."""
+    began = time.perf_counter()
+    conn.request("POST", path, body=body, headers=headers)
+    resp = conn.getresponse()
+    raw = resp.read()
+    took = time.perf_counter() - began
+    return resp.status, json.loads(raw), took
+
+
 def venv_for(name: str) -> Path | str:
     """The anchor's venv python (made on first use), or why it cannot be had."""
     venv = CACHE / f"venv-{name}"
@@ -135,14 +146,9 @@ def bench_berthd(n: int, warmup: int, work: Path) -> dict[str, Any]:
         samples: list[float] = []
         inside: list[float] = []
         for i in range(warmup + n):
-            began = time.perf_counter()
-            conn.request("POST", path, body=body, headers=headers)
-            resp = conn.getresponse()
-            raw = resp.read()
-            took = time.perf_counter() - began
-            out = json.loads(raw)
-            if resp.status != 200 or out.get("return_value") != "2":
-                raise RuntimeError(f"unexpected answer: {resp.status} {out}")
+            status, out, took = _timed_post(conn, path, body, headers)
+            if status != 200 or out.get("return_value") != "2":
+                raise RuntimeError(f"unexpected answer: {status} {out}")
             if i >= warmup:
                 samples.append(took)
                 inside.append(float(out.get("duration_ms") or 0.0) / 1e3)
@@ -296,14 +302,9 @@ def bench_kernelbox(py: Path, n: int, warmup: int, work: Path) -> dict[str, Any]
         samples: list[float] = []
         wrong = 0  # answers without the value (seen: "success" with no outputs at all)
         for i in range(warmup + n):
-            began = time.perf_counter()
-            conn.request("POST", path, body=body, headers=headers)
-            resp = conn.getresponse()
-            raw = resp.read()
-            took = time.perf_counter() - began
-            out = json.loads(raw)
-            if resp.status != 200:
-                raise RuntimeError(f"kernelbox answered {resp.status} {out}")
+            status, out, took = _timed_post(conn, path, body, headers)
+            if status != 200:
+                raise RuntimeError(f"kernelbox answered {status} {out}")
             if out.get("return_value") != "2":
                 wrong += 1
                 if wrong > max(5, n // 20):
